@@ -1,0 +1,37 @@
+"""pip install . gives lisa_core (the model, no ROS), training, and the pure-Python parts of lisa_ros.
+
+The ROS node and its messages come from `colcon build` on a ROS 2 install (see README.md).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lisa_ros",
+    version="0.1.0",
+    description="LISA reasoning segmentation for robots: the model, its training, and a ROS 2 node",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lisa_core", "lisa_core.*", "lisa_ros", "lisa_ros.*",
+                                    "training", "training.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "segment-anything>=1.0",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "pillow",
+        "opencv-python-headless",
+    ],
+    extras_require={
+        "training": ["peft>=0.13", "accelerate>=1.0", "matplotlib", "pyyaml", "tqdm"],
+        "ros": ["ros-jazzy-rclpy", "ros-jazzy-std-msgs", "ros-jazzy-sensor-msgs",
+                "ros-jazzy-geometry-msgs"],
+        "quantization": ["bitsandbytes"],
+    },
+    entry_points={
+        "console_scripts": [
+            "lisa-segment = lisa_core.cli:main",
+        ],
+    },
+)

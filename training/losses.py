@@ -1,0 +1,109 @@
+"""LISA's training loss: 1.0 x text cross-entropy + 2.0 x per-pixel BCE + 0.5 x DICE.
+
+The mask terms follow the official recipe:
+- each predicted mask is compared with its ground truth at the image's original resolution;
+- BCE is the sigmoid cross-entropy averaged over a mask's pixels;
+- DICE is computed on the sigmoid probabilities with every term divided by `scale` (1000) and `eps`
+  (1e-6) added to numerator and denominator, so an empty prediction on an empty mask costs 0;
+- both are summed over masks and divided by the number of masks in the batch, so a sample with three
+  [SEG] weighs three times a sample with one.
+
+Targets are {0, 1}. The official training readers turn ReasonSeg's "ignore" label (255) into
+background (`mask == 1`) before the loss; the loss itself ignores nothing. Label 255 is only ignored by
+the metrics (lisa_core.metrics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+DICE_SCALE = 1000.0
+DICE_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+
+
+def sigmoid_bce_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel sigmoid cross-entropy of each mask: (N, H, W) logits and targets -> (N,)."""
+    per_pixel = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return per_pixel.flatten(1).mean(1)
+
+
+def dice_per_mask(
+    logits: torch.Tensor, targets: torch.Tensor, scale: float = DICE_SCALE, eps: float = DICE_EPS
+) -> torch.Tensor:
+    """1 - soft DICE of each mask: (N, H, W) logits and targets -> (N,)."""
+    probs = logits.sigmoid().flatten(1) / scale
+    targets = targets.flatten(1)
+    numerator = 2.0 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + (targets / scale).sum(-1)
+    return 1.0 - (numerator + eps) / (denominator + eps)
+
+
+@dataclass
+class LisaLoss:
+    """The three weighted terms and their sum (`total` is what gets back-propagated)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    bce: torch.Tensor
+    dice: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {name: float(getattr(self, name).detach()) for name in ("total", "ce", "bce", "dice")}
+
+
+def mask_losses(
+    pred_logits: Sequence[torch.Tensor], gt_masks: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Unweighted (BCE, DICE, number of masks) over a batch.
+
+    `pred_logits[i]` and `gt_masks[i]` are (N_i, H_i, W_i) for sample i (N_i may be 0). Each term is
+    summed over every mask of the batch and divided by the total number of masks.
+    """
+    if len(pred_logits) != len(gt_masks):
+        raise ValueError(f"{len(pred_logits)} predicted mask sets but {len(gt_masks)} ground-truth sets")
+    bce_sum, dice_sum, num_masks = None, None, 0
+    for index, (logits, target) in enumerate(zip(pred_logits, gt_masks)):
+        if logits.shape != target.shape:
+            raise ValueError(
+                f"sample {index}: predicted masks {tuple(logits.shape)} != ground truth {tuple(target.shape)}"
+            )
+        bce = sigmoid_bce_per_mask(logits.float(), target.float()).sum()
+        dice = dice_per_mask(logits.float(), target.float()).sum()
+        bce_sum = bce if bce_sum is None else bce_sum + bce
+        dice_sum = dice if dice_sum is None else dice_sum + dice
+        num_masks += int(target.shape[0])
+    if bce_sum is None:
+        zero = torch.zeros(())
+        return zero, zero, 0
+    denominator = max(num_masks, 1)
+    return bce_sum / denominator, dice_sum / denominator, num_masks
+
+
+def lisa_loss(
+    ce_loss: torch.Tensor,
+    pred_logits: Sequence[torch.Tensor],
+    gt_masks: Sequence[torch.Tensor],
+    weights: LossWeights = LossWeights(),
+) -> LisaLoss:
+    """Combine the language model's cross-entropy with the mask terms, weighted as in the recipe.
+
+    A batch without masks (every answer says the target is absent) contributes BCE = DICE = 0.
+    """
+    bce, dice, _ = mask_losses(pred_logits, gt_masks)
+    bce = bce.to(ce_loss.device)
+    dice = dice.to(ce_loss.device)
+    ce = weights.ce * ce_loss
+    bce = weights.bce * bce
+    dice = weights.dice * dice
+    return LisaLoss(total=ce + bce + dice, ce=ce, bce=bce, dice=dice)

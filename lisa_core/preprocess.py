@@ -1,0 +1,164 @@
+"""Image preprocessing for LISA's two image paths and mask postprocessing.
+
+The CLIP path matches the CLIPImageProcessor of `openai/clip-vit-large-patch14` that LISA uses
+(shortest side to 224 with PIL bicubic, centre crop, rescale, CLIP mean/std). The SAM path matches
+segment-anything's `ResizeLongestSide.apply_image` (PIL bilinear on uint8) followed by `Sam.preprocess`
+(normalise on 0-255, zero-pad bottom/right). `postprocess_masks` is `Sam.postprocess_masks`.
+
+Resizing runs on the CPU with PIL (so results equal the reference bit for bit); the `device` argument
+places the normalised tensor, so the arithmetic after the resize can run on an accelerator.
+
+Images of any size are accepted: very large images (e.g. above 8192 px per side) are simply resized
+down, at the cost of the PIL resize time. Extreme aspect ratios make the CLIP path's intermediate image
+long (the short side becomes 224 before the crop), exactly as the reference processor does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lisa_core.errors import InputError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+Device = Union[str, torch.device, None]
+
+
+def prepare_image(image: np.ndarray) -> np.ndarray:
+    """Return `image` as a C-contiguous RGB uint8 array of shape (H, W, 3).
+
+    Accepted: uint8 RGB (H, W, 3), grey (H, W) or (H, W, 1), RGBA (H, W, 4, alpha dropped).
+    Refused with InputError: other dtypes (16-bit and float images must be converted to uint8 by the
+    caller, who knows their range), other shapes, and empty images.
+    """
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        hint = (
+            " (16-bit image: convert to 8 bits first, e.g. (image >> 8).astype(np.uint8) for full-range data)"
+            if image.dtype in (np.uint16, np.int16)
+            else " (convert it to uint8 RGB in 0-255 first)"
+        )
+        raise InputError(f"image must have dtype uint8, got {image.dtype}{hint}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise InputError(
+            f"image must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {tuple(image.shape)}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"image is empty: shape {tuple(image.shape)}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]
+    return np.ascontiguousarray(image)
+
+
+def clip_resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(H, W) after the CLIP resize: the short side becomes `size`, the long side is floored.
+
+    Same rule as transformers' `get_resize_output_image_size(..., default_to_square=False)`.
+    """
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def clip_preprocess(
+    image_rgb: np.ndarray,
+    size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    device: Device = None,
+) -> torch.Tensor:
+    """CLIP pixel values, float32 (3, size, size), for an RGB uint8 image."""
+    image_rgb = prepare_image(image_rgb)
+    new_h, new_w = clip_resized_shape(image_rgb.shape[0], image_rgb.shape[1], size)
+    resized = np.asarray(Image.fromarray(image_rgb).resize((new_w, new_h), resample=Image.BICUBIC))
+    top = (new_h - size) // 2
+    left = (new_w - size) // 2
+    cropped = resized[top : top + size, left : left + size]
+    # Rescale in float64 then store float32, as the reference processor does.
+    pixels = torch.from_numpy(cropped.astype(np.float64) * (1.0 / 255.0)).to(torch.float32)
+    pixels = pixels.permute(2, 0, 1).to(device)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return ((pixels - mean_t) / std_t).contiguous()
+
+
+def sam_resized_shape(height: int, width: int, size: int = 1024) -> tuple[int, int]:
+    """(h, w) after resizing the longest side to `size`: `int(x * size / max(H, W) + 0.5)`.
+
+    This is segment-anything's `ResizeLongestSide.get_preprocess_shape`, except that a side is never
+    rounded down to 0 (which would happen for, e.g., a 1x3000 image): it is kept at 1 pixel.
+    """
+    scale = size * 1.0 / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def sam_preprocess(
+    image_rgb: np.ndarray,
+    size: int = 1024,
+    mean: Sequence[float] = SAM_PIXEL_MEAN,
+    std: Sequence[float] = SAM_PIXEL_STD,
+    device: Device = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM encoder input, float32 (3, size, size), and the resized (h, w) before padding."""
+    image_rgb = prepare_image(image_rgb)
+    new_h, new_w = sam_resized_shape(image_rgb.shape[0], image_rgb.shape[1], size)
+    resized = np.array(Image.fromarray(image_rgb).resize((new_w, new_h), resample=Image.BILINEAR))
+    pixels = torch.from_numpy(resized).to(device).permute(2, 0, 1).to(torch.float32)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    pixels = (pixels - mean_t) / std_t
+    pixels = F.pad(pixels, (0, size - new_w, 0, size - new_h))
+    return pixels.contiguous(), (new_h, new_w)
+
+
+def postprocess_masks(
+    low_res_logits: torch.Tensor,
+    resized_hw: Sequence[int],
+    original_hw: Sequence[int],
+    size: int = 1024,
+) -> torch.Tensor:
+    """Mask logits (N, H, W) at the original image size from SAM's low-res logits.
+
+    `low_res_logits` is (N, 1, h', w') or (N, h', w'). Upsample to (size, size), drop the padding
+    (keep [:h, :w] of `resized_hw`), resize to `original_hw`; bilinear, align_corners=False. The
+    interpolation runs in float32 whatever the input dtype. Threshold at 0 for the mask.
+    """
+    if low_res_logits.dim() == 3:
+        low_res_logits = low_res_logits.unsqueeze(1)
+    if low_res_logits.dim() != 4 or low_res_logits.shape[1] != 1:
+        raise InputError(
+            f"low_res_logits must have shape (N, 1, h, w) or (N, h, w), got {tuple(low_res_logits.shape)}"
+        )
+    resized_h, resized_w = (int(v) for v in resized_hw)
+    original_h, original_w = (int(v) for v in original_hw)
+    logits = F.interpolate(low_res_logits.float(), (size, size), mode="bilinear", align_corners=False)
+    logits = logits[..., :resized_h, :resized_w]
+    logits = F.interpolate(logits, (original_h, original_w), mode="bilinear", align_corners=False)
+    return logits[:, 0]
+
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "SAM_PIXEL_MEAN",
+    "SAM_PIXEL_STD",
+    "prepare_image",
+    "clip_resized_shape",
+    "clip_preprocess",
+    "sam_resized_shape",
+    "sam_preprocess",
+    "postprocess_masks",
+]

@@ -88,7 +88,14 @@ class TrainConfig:
     export_dir: Optional[str] = None  # merged model folder written at the end, if set
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        # PyYAML reads "1e-4" (no dot) as a string: convert numbers by the field's declared type.
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.type == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+                setattr(self, item.name, _number(item.name, value, float))
+            elif item.type in ("int", "Optional[int]") and isinstance(value, str):
+                setattr(self, item.name, _number(item.name, value, int))
+        self.betas = tuple(_number("betas", beta, float) for beta in self.betas)
         self.validate()
 
     def validate(self) -> None:
@@ -117,6 +124,13 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(f"{name} must be a {kind.__name__}, got {value!r}") from error
 
 
 def known_keys() -> list[str]:

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Builds the package (msg/, srv/ and the Python code) with colcon against the ROS 2 wheels in .venv:
+# build/ and install/ in the repository root, a symlink install so edited Python files take effect
+# without building again. Skips everything when nothing that goes into the build has changed.
+# Usage: tools/build_interfaces.sh   (tools/setup.sh calls it after making .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+venv=$root/.venv
+python=$venv/bin/python
+stamp=$root/.stamps/interfaces
+
+# What the build depends on: interface and build files, the launcher, which files are installed
+# (their contents are linked, not copied), the venv and this script.
+build_key=$(
+    {
+        find msg srv scripts -type f -print0 | sort -z | xargs -0 cat
+        cat CMakeLists.txt package.xml tools/build_interfaces.sh .stamps/venv 2>/dev/null || true
+        find lisa_ros launch config -type f \( -name '*.py' -o -name '*.yaml' \) | sort
+    } | sha256sum | cut -d' ' -f1
+)
+# install/ links into build/, so both must still be there.
+if [ -f install/setup.bash ] && [ -d build/lisa_ros ] && [ "$(cat "$stamp" 2>/dev/null)" = "$build_key" ]; then
+    echo "[build_interfaces] up to date"
+    exit 0
+fi
+
+# The wheels' exported CMake targets name the Python and NumPy include folders of the machine they
+# were built on; point the ones that do not exist here at this venv's own.
+"$python" - "$venv" <<'EOF'
+import pathlib
+import re
+import sys
+import sysconfig
+
+import numpy
+
+venv = pathlib.Path(sys.argv[1])
+replacements = [
+    (re.compile(r'(?<![^;"\s])/[^;"\s]*/include/python3\.\d+'), sysconfig.get_paths()["include"]),
+    (re.compile(r'(?<![^;"\s])/[^;"\s]*/site-packages/numpy/_core/include'), numpy.get_include()),
+]
+for cmake_file in sorted(venv.glob("share/*/cmake/*.cmake")):
+    text = cmake_file.read_text()
+    fixed = text
+    for pattern, local_dir in replacements:
+        fixed = pattern.sub(lambda m: m.group(0) if pathlib.Path(m.group(0)).is_dir() else local_dir, fixed)
+    if fixed != text:
+        cmake_file.write_text(fixed)
+        print(f"[build_interfaces] include folders rewritten in {cmake_file.relative_to(venv)}")
+EOF
+
+echo "[build_interfaces] colcon build (about two minutes from scratch)"
+set +u
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+set -u
+export AMENT_PREFIX_PATH=$venv CMAKE_PREFIX_PATH=$venv
+# CMake refuses to export include folders that lie in the source tree unless they lie in the install
+# prefix, and .venv lies in the source tree: hand it NumPy's headers through a link in the prefix.
+numpy_include=$root/install/lisa_ros/include/numpy_headers
+mkdir -p "$(dirname "$numpy_include")"
+ln -sfn "$("$python" -c 'import numpy; print(numpy.get_include())')" "$numpy_include"
+colcon --log-base "$root/log" build \
+    --paths "$root" \
+    --build-base "$root/build" \
+    --install-base "$root/install" \
+    --symlink-install \
+    --cmake-args -DPython3_EXECUTABLE="$python" -DPython3_NumPy_INCLUDE_DIR="$numpy_include" \
+        -DBUILD_TESTING=OFF
+
+echo "$build_key" > "$stamp"

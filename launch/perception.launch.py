@@ -1,0 +1,82 @@
+"""Starts the LISA perception node.
+
+    ros2 launch lisa_ros perception.launch.py
+    ros2 launch lisa_ros perception.launch.py model_path:=/models/LISA-7B-v1 device:=cuda precision:=bf16 \
+        image_topic:=/camera/color/image_raw \
+        depth_topic:=/camera/aligned_depth_to_color/image_raw \
+        camera_info_topic:=/camera/color/camera_info namespace:=arm_camera
+
+Launch arguments (`ros2 launch lisa_ros perception.launch.py --show-args`):
+    model_path         model folder; empty: the embedded demo model
+    device             cpu, cuda, cuda:<index> or mps
+    precision          fp32, bf16 or fp16
+    image_topic        camera frames
+    depth_topic        depth registered to the frames; empty: no depth
+    camera_info_topic  intrinsics of the frames
+    namespace          namespace of the node and of its relative topic names
+    params_file        YAML with the other parameters (default: the installed config/perception.yaml)
+The arguments override the same parameters in params_file.
+
+`node_description` is plain Python so that tests can check what this file starts without `launch`
+installed; `generate_launch_description` imports launch lazily and passes that description on.
+"""
+
+from pathlib import Path
+
+PACKAGE = "lisa_ros"
+EXECUTABLE = "perception_node"
+NODE_NAME = "lisa_perception"
+
+# (name, default, description); the params_file default is filled in from the installed share folder.
+LAUNCH_ARGUMENTS = (
+    ("model_path", "", "Model folder (our format or an official LISA folder); empty: the embedded demo "
+                       "model (models/demo, else the untrained tiny preset)."),
+    ("device", "cpu", "Torch device: cpu, cuda, cuda:<index> or mps."),
+    ("precision", "fp32", "fp32, bf16 or fp16."),
+    ("image_topic", "camera/image_raw", "Camera frames (sensor_msgs/Image)."),
+    ("depth_topic", "camera/depth/image_raw", "Depth registered to the frames (16UC1 mm or 32FC1 m); "
+                                              "empty: no depth."),
+    ("camera_info_topic", "camera/camera_info", "CameraInfo of the frames."),
+    ("namespace", "", "Namespace of the node and its relative topic names."),
+    ("params_file", None, "YAML parameters file; the launch arguments above override it."),
+)
+# The launch arguments that are node parameters of the same name.
+PARAMETER_ARGUMENTS = ("model_path", "device", "precision", "image_topic", "depth_topic", "camera_info_topic")
+
+
+def default_params_file(share_dir) -> str:
+    return str(Path(share_dir) / "config" / "perception.yaml")
+
+
+def node_description(arguments) -> dict:
+    """Keyword arguments of launch_ros's Node for the given launch argument values.
+
+    The parameters list is the params file, then a dictionary of the argument parameters, which wins.
+    """
+    return dict(
+        package=PACKAGE,
+        executable=EXECUTABLE,
+        name=NODE_NAME,
+        namespace=arguments["namespace"],
+        parameters=[arguments["params_file"], {name: arguments[name] for name in PARAMETER_ARGUMENTS}],
+        output="screen",
+        emulate_tty=True,
+    )
+
+
+def generate_launch_description():
+    from ament_index_python.packages import get_package_share_directory
+    from launch import LaunchDescription
+    from launch.actions import DeclareLaunchArgument
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import Node
+    from launch_ros.parameter_descriptions import ParameterValue
+
+    defaults = {"params_file": default_params_file(get_package_share_directory(PACKAGE))}
+    declarations = [DeclareLaunchArgument(name, default_value=defaults.get(name, default), description=text)
+                    for name, default, text in LAUNCH_ARGUMENTS]
+    # Every argument parameter is a string: without value_type, launch would read "" or "1" as YAML.
+    arguments = {name: LaunchConfiguration(name) for name, _, _ in LAUNCH_ARGUMENTS}
+    arguments.update({name: ParameterValue(LaunchConfiguration(name), value_type=str)
+                      for name in PARAMETER_ARGUMENTS})
+    return LaunchDescription([*declarations, Node(**node_description(arguments))])

@@ -1,0 +1,168 @@
+"""Greedy generation that also returns, for every [SEG], the hidden state that predicted it.
+
+Two modes give the same tokens and [SEG] states:
+
+- "cached" (default): one prefill pass fills a KV cache, then one single-token pass per new token. The
+  last-layer, final-norm state of the step that emits [SEG] *is* the state that predicts it, so the
+  [SEG] embeddings come for free, with no second forward pass.
+- "reference": the official LISA method. No cache; every step re-runs the whole sequence, and the
+  [SEG] embeddings are read from the final full pass at the positions just before each [SEG].
+
+`cache_implementation="static"` preallocates the cache (transformers' StaticCache): fixed shapes, which
+is what torch.compile / CUDA graphs need for fast decoding on a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from lisa_core.model import LisaModel
+
+# (generated ids so far, next-token logits (vocab,)) -> logits to take the argmax of.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+GENERATION_MODES = ("cached", "reference")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+
+
+@dataclass
+class GenerationOutput:
+    output_ids: list[int]  # new tokens, EOS included when it was produced
+    seg_hidden_states: torch.Tensor  # (num [SEG], hidden): the states that predicted each [SEG]
+    timings: dict[str, float] = field(default_factory=dict)  # "prefill", "decode" (seconds)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _next_token(logits: torch.Tensor, output_ids: list[int], logits_processor: Optional[LogitsProcessor]) -> int:
+    logits = logits.float()
+    if logits_processor is not None:
+        logits = logits_processor(output_ids, logits)
+    return int(torch.argmax(logits).item())
+
+
+@torch.no_grad()
+def generate(
+    model: LisaModel,
+    inputs_embeds: torch.Tensor,
+    *,
+    seg_token_id: int,
+    eos_token_id: int,
+    max_new_tokens: int,
+    mode: str = "cached",
+    cache_implementation: str = "dynamic",
+    logits_processor: Optional[LogitsProcessor] = None,
+) -> GenerationOutput:
+    """Greedy decoding for one prompt, `inputs_embeds` (1, L, hidden) with the image spliced in."""
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"generation mode must be one of {GENERATION_MODES}, got {mode!r}")
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
+        raise ValueError(f"inputs_embeds must be (1, L, hidden), got {tuple(inputs_embeds.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if mode == "cached":
+        return _generate_cached(
+            model, inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, cache_implementation, logits_processor
+        )
+    return _generate_reference(model, inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, logits_processor)
+
+
+def _make_cache(model: LisaModel, implementation: str, max_cache_len: int):
+    llama_config = model.language_model.config
+    if implementation == "static":
+        return StaticCache(config=llama_config, max_cache_len=max_cache_len)
+    return DynamicCache(config=llama_config)
+
+
+def _generate_cached(
+    model: LisaModel,
+    inputs_embeds: torch.Tensor,
+    seg_token_id: int,
+    eos_token_id: int,
+    max_new_tokens: int,
+    cache_implementation: str,
+    logits_processor: Optional[LogitsProcessor],
+) -> GenerationOutput:
+    device = inputs_embeds.device
+    prompt_length = inputs_embeds.shape[1]
+    cache = _make_cache(model, cache_implementation, prompt_length + max_new_tokens)
+
+    start = time.perf_counter()
+    positions = torch.arange(prompt_length, device=device).unsqueeze(0)
+    last_hidden = model.language_forward(inputs_embeds, cache=cache, position_ids=positions)[:, -1]
+    output_ids: list[int] = []
+    seg_states: list[torch.Tensor] = []
+    token = _next_token(model.lm_logits(last_hidden)[0], output_ids, logits_processor)
+    _synchronize(device)
+    prefill_done = time.perf_counter()
+
+    while True:
+        output_ids.append(token)
+        if token == seg_token_id:
+            seg_states.append(last_hidden[0])
+        if token == eos_token_id or len(output_ids) == max_new_tokens:
+            break
+        position = torch.tensor([[prompt_length + len(output_ids) - 1]], device=device)
+        token_embeds = model.embed_tokens(torch.tensor([[token]], device=device))
+        last_hidden = model.language_forward(token_embeds, cache=cache, position_ids=position)[:, -1]
+        token = _next_token(model.lm_logits(last_hidden)[0], output_ids, logits_processor)
+    _synchronize(device)
+    end = time.perf_counter()
+    return GenerationOutput(
+        output_ids=output_ids,
+        seg_hidden_states=_stack(seg_states, inputs_embeds),
+        timings={"prefill": prefill_done - start, "decode": end - prefill_done},
+    )
+
+
+def _generate_reference(
+    model: LisaModel,
+    inputs_embeds: torch.Tensor,
+    seg_token_id: int,
+    eos_token_id: int,
+    max_new_tokens: int,
+    logits_processor: Optional[LogitsProcessor],
+) -> GenerationOutput:
+    device = inputs_embeds.device
+    prompt_length = inputs_embeds.shape[1]
+    start = time.perf_counter()
+    output_ids: list[int] = []
+    sequence = inputs_embeds
+    prefill_done = None
+    while True:
+        hidden = model.language_forward(sequence)
+        token = _next_token(model.lm_logits(hidden[:, -1])[0], output_ids, logits_processor)
+        if prefill_done is None:
+            _synchronize(device)
+            prefill_done = time.perf_counter()
+        output_ids.append(token)
+        if token == eos_token_id or len(output_ids) == max_new_tokens:
+            break
+        token_embeds = model.embed_tokens(torch.tensor([[token]], device=device))
+        sequence = torch.cat([sequence, token_embeds.to(sequence.dtype)], dim=1)
+    # `hidden` is the final full pass: it covers every position before the last new token.
+    seg_positions = [prompt_length + index - 1 for index, token in enumerate(output_ids) if token == seg_token_id]
+    seg_states = [hidden[0, position] for position in seg_positions]
+    _synchronize(device)
+    end = time.perf_counter()
+    return GenerationOutput(
+        output_ids=output_ids,
+        seg_hidden_states=_stack(seg_states, inputs_embeds),
+        timings={"prefill": prefill_done - start, "decode": end - prefill_done},
+    )
+
+
+def _stack(states: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if states:
+        return torch.stack(states)
+    return like.new_zeros((0, like.shape[-1]))

@@ -1,0 +1,368 @@
+"""LisaPipeline: image + query in, answer and one mask per [SEG] out; plus SAM-only tracking.
+
+Per frame, CLIP and the SAM image encoder run once; with a `frame_key` their outputs are kept in a
+small LRU cache, so several queries (`segment_batch`) and tracking on one frame share them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Hashable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from lisa_core.checkpoint import from_pretrained as load_checkpoint
+from lisa_core.checkpoint import seg_token_id
+from lisa_core.errors import ConfigurationError, InputError
+from lisa_core.generate import CACHE_IMPLEMENTATIONS, GENERATION_MODES, LogitsProcessor, generate
+from lisa_core.model import LisaModel
+from lisa_core.preprocess import clip_preprocess, postprocess_masks, prepare_image, sam_preprocess
+from lisa_core.prompt import PromptBuilder, Turn
+from lisa_core.result import SegmentationResult, Target
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZATIONS = (None, "8bit", "4bit")
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class FrameFeatures:
+    """What one image contributes to every query on it."""
+
+    image_size: tuple[int, int]  # original (H, W)
+    resized_size: tuple[int, int]  # (h, w) inside SAM's padded square
+    clip_features: Optional[torch.Tensor]  # (1, num_image_tokens, hidden); None when only tracking
+    sam_embeddings: torch.Tensor  # (1, prompt_dim, h', w')
+
+
+class _Stopwatch:
+    """Wall-clock stage timings that wait for the accelerator to finish each stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._start
+        self._start = now
+
+    def add(self, timings: dict[str, float]) -> None:
+        """Stages timed elsewhere (generation) that ran since the last lap."""
+        self.timings.update(timings)
+        self._start = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ConfigurationError(f"unknown device {device!r}: use 'cpu' or 'cuda'") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("device 'cuda' requested but PyTorch sees no CUDA GPU: use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigurationError(f"unsupported device {device}: use 'cpu' or 'cuda'")
+    return device
+
+
+def quantize_language_model(model: LisaModel, quantization: str, compute_dtype: torch.dtype) -> None:
+    """Swap the Llama decoder layers' Linear modules for bitsandbytes 8-bit or 4-bit (NF4) ones.
+
+    The embeddings, lm_head, CLIP, the projector, [SEG] projection and SAM keep `compute_dtype`.
+    The weights are quantized when the model moves to the GPU.
+    """
+    import bitsandbytes as bnb
+
+    for layer in model.language_model.model.layers:
+        for parent in layer.modules():
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                if quantization == "8bit":
+                    replacement = bnb.nn.Linear8bitLt(
+                        child.in_features, child.out_features, bias=child.bias is not None,
+                        has_fp16_weights=False, threshold=6.0,
+                    )
+                    replacement.weight = bnb.nn.Int8Params(
+                        child.weight.data.to(torch.float16), requires_grad=False, has_fp16_weights=False
+                    )
+                else:
+                    replacement = bnb.nn.Linear4bit(
+                        child.in_features, child.out_features, bias=child.bias is not None,
+                        compute_dtype=compute_dtype, quant_type="nf4",
+                    )
+                    replacement.weight = bnb.nn.Params4bit(
+                        child.weight.data, requires_grad=False, quant_type="nf4"
+                    )
+                if child.bias is not None:
+                    replacement.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, replacement)
+
+
+class LisaPipeline:
+    """LISA inference on RGB uint8 images. Thread-safe: one query runs at a time."""
+
+    def __init__(
+        self,
+        model: LisaModel,
+        tokenizer,
+        *,
+        generation_mode: str = "cached",
+        cache_implementation: str = "dynamic",
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        frame_cache_size: int = 4,
+        logits_processor: Optional[LogitsProcessor] = None,
+    ) -> None:
+        """`logits_processor` edits next-token logits before the argmax (constrained decoding, tests)."""
+        if generation_mode not in GENERATION_MODES:
+            raise ConfigurationError(f"generation_mode must be one of {GENERATION_MODES}, got {generation_mode!r}")
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ConfigurationError(
+                f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.device = model.mm_projector.weight.device
+        self.generation_mode = generation_mode
+        self.cache_implementation = cache_implementation
+        self.max_new_tokens = max_new_tokens
+        self.logits_processor = logits_processor
+        self.seg_token_id = seg_token_id(tokenizer, self.config.seg_token)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.prompt_builder = PromptBuilder(
+            tokenizer,
+            self.config.num_image_tokens,
+            self.config.language_model.max_position_embeddings,
+            image_token=self.config.image_token,
+            im_start_token=self.config.im_start_token,
+            im_end_token=self.config.im_end_token,
+            use_im_start_end=self.config.use_im_start_end,
+        )
+        self._answer_skip_ids = self._special_ids_except_seg()
+        self._frame_cache: "OrderedDict[Hashable, FrameFeatures]" = OrderedDict()
+        self._frame_cache_size = frame_cache_size
+        self._history: list[Turn] = []
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, Path],
+        device: Union[str, torch.device] = "cpu",
+        dtype: str = "fp32",
+        quantization: Optional[str] = None,
+        vision_tower: Optional[Union[str, Path]] = None,
+        **settings,
+    ) -> "LisaPipeline":
+        """Load our format or an official LISA folder. `settings` go to the constructor."""
+        device = _resolve_device(device)
+        if dtype not in DTYPES:
+            raise ConfigurationError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if quantization not in QUANTIZATIONS:
+            raise ConfigurationError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        torch_dtype = DTYPES[dtype]
+        if quantization is not None:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigurationError(
+                    f"quantization={quantization!r} needs the bitsandbytes package: pip install bitsandbytes"
+                )
+            if device.type != "cuda":
+                raise ConfigurationError(f"quantization={quantization!r} needs device='cuda'")
+            if torch_dtype == torch.float32:
+                torch_dtype = torch.float16  # SAM and the unquantized parts stay 16-bit
+            model, tokenizer = load_checkpoint(path, device="cpu", dtype=torch_dtype, vision_tower=vision_tower)
+            quantize_language_model(model, quantization, torch_dtype)
+            model = model.to(device)
+        else:
+            model, tokenizer = load_checkpoint(path, device=device, dtype=torch_dtype, vision_tower=vision_tower)
+        return cls(model, tokenizer, **settings)
+
+    # ---- public API -----------------------------------------------------------------------------
+
+    def segment(
+        self,
+        image: np.ndarray,
+        query: str,
+        *,
+        frame_key: Optional[Hashable] = None,
+        max_new_tokens: Optional[int] = None,
+        keep_history: bool = False,
+    ) -> SegmentationResult:
+        """Answer `query` about `image`; each [SEG] in the answer becomes one Target.
+
+        keep_history=True continues the conversation (earlier turns are in the prompt, this turn is
+        added to them); False asks a standalone question and leaves the conversation as it is.
+        """
+        with self._lock:
+            stopwatch = _Stopwatch(self.device)
+            image = prepare_image(image)
+            frame = self._frame_features(image, frame_key, stopwatch, need_clip=True)
+            return self._answer(frame, query, stopwatch, max_new_tokens, keep_history)
+
+    def segment_batch(
+        self,
+        image: np.ndarray,
+        queries: Sequence[str],
+        *,
+        frame_key: Optional[Hashable] = None,
+        max_new_tokens: Optional[int] = None,
+    ) -> list[SegmentationResult]:
+        """Several standalone queries on one image; CLIP and the SAM encoder run once for all."""
+        if isinstance(queries, str):
+            raise InputError("segment_batch takes a list of queries, got a single string")
+        with self._lock:
+            image = prepare_image(image)
+            results = []
+            frame = None
+            for query in queries:
+                stopwatch = _Stopwatch(self.device)
+                if frame is None:
+                    frame = self._frame_features(image, frame_key, stopwatch, need_clip=True)
+                results.append(self._answer(frame, query, stopwatch, max_new_tokens, keep_history=False))
+            return results
+
+    def track(
+        self,
+        image: np.ndarray,
+        prompt_embeddings: Sequence[torch.Tensor],
+        *,
+        frame_key: Optional[Hashable] = None,
+    ) -> list[Target]:
+        """Masks on `image` for earlier targets' prompt embeddings, with SAM alone (no LLM)."""
+        with self._lock:
+            image = prepare_image(image)
+            stopwatch = _Stopwatch(self.device)
+            frame = self._frame_features(image, frame_key, stopwatch, need_clip=False)
+            if len(prompt_embeddings) == 0:
+                return []
+            prompts = torch.stack([torch.as_tensor(embedding).reshape(-1) for embedding in prompt_embeddings])
+            if prompts.shape[1] != self.config.out_dim:
+                raise InputError(
+                    f"prompt embeddings must have {self.config.out_dim} values, got {prompts.shape[1]}"
+                )
+            return self._decode_targets(frame, prompts, stopwatch)
+
+    def reset_conversation(self) -> None:
+        with self._lock:
+            self._history.clear()
+
+    @property
+    def history(self) -> list[Turn]:
+        return list(self._history)
+
+    # ---- stages ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _frame_features(
+        self, image: np.ndarray, frame_key: Optional[Hashable], stopwatch: _Stopwatch, need_clip: bool
+    ) -> FrameFeatures:
+        image_size = (int(image.shape[0]), int(image.shape[1]))
+        cached = self._frame_cache.get(frame_key) if frame_key is not None else None
+        if cached is not None and cached.image_size != image_size:
+            cached = None  # the key was reused for a different image
+        if cached is not None:
+            self._frame_cache.move_to_end(frame_key)
+            if cached.clip_features is not None or not need_clip:
+                return cached
+        clip_features = None
+        if need_clip:
+            clip_pixels = clip_preprocess(image, size=self.config.vision_tower.image_size, device=self.device)
+            clip_features = self.model.encode_clip(clip_pixels.unsqueeze(0))
+            stopwatch.lap("clip")
+        if cached is not None:
+            frame = FrameFeatures(image_size, cached.resized_size, clip_features, cached.sam_embeddings)
+        else:
+            sam_pixels, resized_size = sam_preprocess(image, size=self.config.sam.image_size, device=self.device)
+            sam_embeddings = self.model.sam_image_embeddings(sam_pixels.unsqueeze(0))
+            stopwatch.lap("sam_encoder")
+            frame = FrameFeatures(image_size, resized_size, clip_features, sam_embeddings)
+        if frame_key is not None:
+            self._frame_cache[frame_key] = frame
+            self._frame_cache.move_to_end(frame_key)
+            while len(self._frame_cache) > self._frame_cache_size:
+                self._frame_cache.popitem(last=False)
+        return frame
+
+    @torch.no_grad()
+    def _answer(
+        self,
+        frame: FrameFeatures,
+        query: str,
+        stopwatch: _Stopwatch,
+        max_new_tokens: Optional[int],
+        keep_history: bool,
+    ) -> SegmentationResult:
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        history = self._history if keep_history else ()
+        input_ids = self.prompt_builder(query, history, max_new_tokens)
+        ids = torch.tensor([input_ids], device=self.device)
+        inputs_embeds = self.model.embed_prompt(ids, frame.clip_features)
+        output = generate(
+            self.model,
+            inputs_embeds,
+            seg_token_id=self.seg_token_id,
+            eos_token_id=self.eos_token_id,
+            max_new_tokens=max_new_tokens,
+            mode=self.generation_mode,
+            cache_implementation=self.cache_implementation,
+            logits_processor=self.logits_processor,
+        )
+        stopwatch.add(output.timings)
+        targets = []
+        if output.seg_hidden_states.shape[0] > 0:
+            prompts = self.model.project_seg(output.seg_hidden_states)
+            targets = self._decode_targets(frame, prompts, stopwatch)
+        answer = self.decode_answer(output.output_ids)
+        if keep_history:
+            self._history.append(Turn(query.strip(), answer))
+        stopwatch.timings["total"] = sum(stopwatch.timings.values())
+        return SegmentationResult(
+            query=query,
+            answer=answer,
+            targets=targets,
+            image_size=frame.image_size,
+            output_ids=list(output.output_ids),
+            timings=dict(stopwatch.timings),
+        )
+
+    @torch.no_grad()
+    def _decode_targets(self, frame: FrameFeatures, prompts: torch.Tensor, stopwatch: _Stopwatch) -> list[Target]:
+        low_res_logits, iou_predictions = self.model.decode_masks(frame.sam_embeddings, prompts)
+        stopwatch.lap("mask_decoder")
+        logits = postprocess_masks(low_res_logits, frame.resized_size, frame.image_size, size=self.config.sam.image_size)
+        masks = (logits > 0).cpu().numpy()
+        confidences = iou_predictions[:, 0].float().cpu().tolist()
+        embeddings = prompts.detach().float().cpu()
+        targets = [
+            Target.from_mask(mask, confidence, embedding)
+            for mask, confidence, embedding in zip(masks, confidences, embeddings)
+        ]
+        stopwatch.lap("postprocess")
+        return targets
+
+    def _special_ids_except_seg(self) -> set[int]:
+        special = set(self.tokenizer.all_special_ids)
+        special.update(index for index, token in self.tokenizer.added_tokens_decoder.items() if token.special)
+        special.discard(self.seg_token_id)
+        return special
+
+    def decode_answer(self, output_ids: Sequence[int]) -> str:
+        """Answer text: special tokens other than [SEG] removed, whitespace runs collapsed."""
+        kept = [index for index in output_ids if index not in self._answer_skip_ids]
+        return " ".join(self.tokenizer.decode(kept, skip_special_tokens=False).split())

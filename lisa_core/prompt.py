@@ -1,0 +1,129 @@
+"""The llava_v1 conversation template and LLaVA's image-aware tokenisation, as LISA uses them."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+from lisa_core.errors import InputError
+from lisa_core.model import IMAGE_PLACEHOLDER_ID
+
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+USER_ROLE = "USER"
+ASSISTANT_ROLE = "ASSISTANT"
+TURN_SEPARATOR = " "  # after a user message (llava_v1 `sep`)
+ANSWER_SEPARATOR = "</s>"  # after an assistant message (llava_v1 `sep2`)
+
+
+@dataclass(frozen=True)
+class Turn:
+    query: str
+    answer: str
+
+
+def build_prompt(
+    query: str,
+    history: Sequence[Turn] = (),
+    *,
+    image_token: str = "<image>",
+    im_start_token: str = "<im_start>",
+    im_end_token: str = "<im_end>",
+    use_im_start_end: bool = True,
+) -> str:
+    """The llava_v1 prompt text; the image goes with the first user message only."""
+    image_text = f"{im_start_token}{image_token}{im_end_token}" if use_im_start_end else image_token
+    queries = [turn.query for turn in history] + [query]
+    answers = [turn.answer for turn in history]
+    text = SYSTEM_PROMPT + TURN_SEPARATOR
+    for index, user_text in enumerate(queries):
+        if index == 0:
+            user_text = f"{image_text}\n{user_text}"
+        text += f"{USER_ROLE}: {user_text}{TURN_SEPARATOR}"
+        if index < len(answers):
+            text += f"{ASSISTANT_ROLE}: {answers[index]}{ANSWER_SEPARATOR}"
+        else:
+            text += f"{ASSISTANT_ROLE}:"
+    return text
+
+
+def tokenize_with_image(tokenizer, prompt: str, num_image_tokens: int, image_token: str = "<image>") -> list[int]:
+    """Token ids of `prompt`, its image placeholder expanded to `num_image_tokens` IMAGE_PLACEHOLDER_IDs.
+
+    Mirrors LLaVA's tokenizer_image_token: each text chunk around the placeholder is tokenised on its
+    own, and only the first keeps the tokenizer's BOS.
+    """
+    chunks = prompt.split(image_token)
+    input_ids: list[int] = []
+    for index, chunk in enumerate(chunks):
+        chunk_ids = tokenizer(chunk).input_ids
+        if index > 0:
+            if chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
+                chunk_ids = chunk_ids[1:]
+            input_ids.extend([IMAGE_PLACEHOLDER_ID] * num_image_tokens)
+        input_ids.extend(chunk_ids)
+    return input_ids
+
+
+class PromptBuilder:
+    """Turns a query (and earlier turns) into model input ids that fit the context window."""
+
+    def __init__(
+        self,
+        tokenizer,
+        num_image_tokens: int,
+        max_length: int,
+        *,
+        image_token: str = "<image>",
+        im_start_token: str = "<im_start>",
+        im_end_token: str = "<im_end>",
+        use_im_start_end: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.template_tokens = dict(
+            image_token=image_token,
+            im_start_token=im_start_token,
+            im_end_token=im_end_token,
+            use_im_start_end=use_im_start_end,
+        )
+
+    def _ids(self, query: str, history: Sequence[Turn]) -> list[int]:
+        text = build_prompt(query, history, **self.template_tokens)
+        return tokenize_with_image(self.tokenizer, text, self.num_image_tokens, self.template_tokens["image_token"])
+
+    def __call__(self, query: str, history: Sequence[Turn] = (), max_new_tokens: int = 0) -> list[int]:
+        """Input ids for `query`; drops the oldest turns, then the query's tail, to fit (with a warning)."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("query is empty: give an instruction or a question about the image")
+        query = query.strip()
+        budget = self.max_length - max_new_tokens
+        history = list(history)
+        input_ids = self._ids(query, history)
+        while len(input_ids) > budget and history:
+            history.pop(0)
+            input_ids = self._ids(query, history)
+        if len(input_ids) > budget:
+            query_ids = self.tokenizer(query, add_special_tokens=False).input_ids
+            keep = len(query_ids) - (len(input_ids) - budget)
+            if keep < 1:
+                raise InputError(
+                    f"the prompt without the query already takes {len(input_ids) - len(query_ids)} of "
+                    f"{budget} available tokens: lower max_new_tokens"
+                )
+            query = self.tokenizer.decode(query_ids[:keep], skip_special_tokens=False).strip()
+            warnings.warn(
+                f"query truncated from {len(query_ids)} to {keep} tokens to fit the {self.max_length}-token "
+                "context window",
+                stacklevel=3,
+            )
+            input_ids = self._ids(query, history)
+            while len(input_ids) > budget and keep > 1:  # re-tokenising the decoded text may grow it
+                keep -= 1
+                query = self.tokenizer.decode(query_ids[:keep], skip_special_tokens=False).strip()
+                input_ids = self._ids(query, history)
+        return input_ids

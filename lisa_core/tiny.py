@@ -1,0 +1,94 @@
+"""A tiny, randomly initialised LISA with a locally trained tokenizer, for tests and demos.
+
+The model is UNTRAINED: its answers are arbitrary token strings and it rarely emits [SEG]. It has the
+real architecture (Llama, CLIP with 256 patch tokens, SAM, [SEG] projection) at toy sizes, so every
+code path (checkpoints, generation, SAM decoding, the ROS node) runs on a CPU in well under a second.
+`training/` turns it into a model that actually segments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Union
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from lisa_core.config import LisaConfig
+from lisa_core.model import LisaModel
+from lisa_core.prompt import SYSTEM_PROMPT
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama
+ADDED_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "[SEG]")  # the LISA-7B-v1 order
+TINY_BPE_VOCAB = 400
+
+BASE_CORPUS = (
+    SYSTEM_PROMPT,
+    "USER: ASSISTANT:",
+    "Can you segment the {class_name} in this image?",
+    "Please segment the {class_name} in this image.",
+    "What is {class_name} in this image? Please respond with segmentation mask.",
+    "What is {class_name} in this image? Please output segmentation mask.",
+    "Please output segmentation mask.",
+    "It is [SEG]. Sure, [SEG]. Sure, it is [SEG]. Sure, the segmentation result is [SEG].",
+    "I want to cut this paper. Where can I sit down? Which object can hold water? What should I use?",
+    "the a an of in on to and or is are it this that with for as at by from which what where who why how",
+    "cup bottle chair table person dog cat car door window knife scissors paper book phone laptop bowl",
+    "red green blue yellow black white left right top bottom near far small large object thing one two",
+    "0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ' \" ( ) - _ / \n",
+)
+
+
+def build_tiny_tokenizer(extra_corpus: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """A small Llama-like BPE tokenizer (<unk>=0, <s>=1, </s>=2; BOS added) with LISA's added tokens."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_BPE_VOCAB,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:;'\"()-_/[]<>\n"),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(BASE_CORPUS) + list(extra_corpus), trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        model_max_length=1024,
+    )
+    wrapped.add_tokens(list(ADDED_TOKENS), special_tokens=True)
+    return wrapped
+
+
+def build_tiny_model(tokenizer, seed: int = 0) -> LisaModel:
+    """A random LisaModel at LisaConfig.tiny() sizes whose vocabulary matches `tokenizer`."""
+    config = LisaConfig.tiny(vocab_size=len(tokenizer))
+    config.language_model.bos_token_id = tokenizer.bos_token_id
+    config.language_model.eos_token_id = tokenizer.eos_token_id
+    config.language_model.pad_token_id = tokenizer.pad_token_id
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LisaModel(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model.eval()
+
+
+def save_tiny_checkpoint(path: Union[str, Path], seed: int = 0, extra_corpus: Iterable[str] = ()) -> Path:
+    """Write an untrained tiny LISA in our format (config, model.safetensors, tokenizer) to `path`.
+
+    `extra_corpus`: more text for the tokenizer to learn, e.g. the queries of a training set.
+    """
+    from lisa_core.checkpoint import save_pretrained
+
+    tokenizer = build_tiny_tokenizer(extra_corpus)
+    model = build_tiny_model(tokenizer, seed=seed)
+    return save_pretrained(model, tokenizer, path)

@@ -1,0 +1,476 @@
+"""A synthetic reasoning-segmentation benchmark, generated deterministically from a seed.
+
+Scenes: `image_size` x `image_size` RGB images (128 by default) on a plain grey background holding 2 to
+`max_objects` non-overlapping shapes (circle, square, triangle, hexagon, star) of six colours, random
+size, position and a small rotation. Every object has an exact mask.
+
+Queries need reasoning rather than naming the target:
+- attribute: "red shape" (the only red one), "blue triangle" (the only one of that colour and shape
+  where neither alone is unique);
+- size: "largest shape", "smallest shape" (only when it is at least 1.3x the next by area);
+- relation: "Which shape is left of the largest shape?" (left of / right of / above / below a uniquely
+  described reference; exactly one shape may qualify);
+- function and knowledge: "Which shape would roll?" (circle), "Which shape has three corners?"
+  (triangle), four equal sides (square), six corners (hexagon), five points (star), "Which shape has the
+  colour of grass?" (green), the sky (blue), a banana (yellow), a tomato (red), an orange (orange),
+  grapes (purple);
+- several targets: "Find both triangles.", "Find all the red shapes.", "Which shapes would roll?";
+- absent: a colour/shape pair or a property that no object has.
+Phrases ("red shape") use LISA's short question templates, sentences its long ones.
+
+Answers: one [SEG] per target, targets ordered left to right (then top to bottom), masks in that order:
+LISA's answer templates for one target ("Sure, [SEG]."), "Sure, [SEG] and [SEG]." style for several,
+and ABSENT_ANSWER with no [SEG] when nothing matches. With probability `explanatory_rate` (0.1) a
+query with a target is asked with an explanatory suffix ("... Please output segmentation mask and
+explain why.") and answered with a reason after the [SEG]s ("Sure, [SEG]. The red circle would roll
+because it is round.").
+
+Splits: scene `index` of split `split` comes from numpy's generator seeded with (seed, split, index).
+Compositional hold-out: HELD_OUT_PAIRS (one colour per shape) never appear in "train" or "val" scenes
+and are never named in their queries; every "test" scene holds at least one held-out object and every
+test query involves one (as a target or the relation's reference) or names a held-out pair (absent).
+"val" is in-distribution (for tracking training), "test" measures composition.
+
+`corpus()` lists sentences that cover every word the generator can emit, for building a small tokenizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from lisa_core.errors import InputError
+from training.data import templates
+from training.data.sample import Sample
+
+COLOURS = {
+    "red": (220, 45, 45),
+    "green": (45, 160, 70),
+    "blue": (50, 90, 225),
+    "yellow": (235, 205, 40),
+    "purple": (145, 70, 185),
+    "orange": (245, 135, 35),
+}
+SHAPES = ("circle", "square", "triangle", "hexagon", "star")
+HELD_OUT_PAIRS = frozenset(
+    {("red", "triangle"), ("blue", "circle"), ("green", "square"), ("yellow", "hexagon"), ("purple", "star")}
+)
+SPLITS = {"train": 0, "val": 1, "test": 2}
+DEFAULT_SIZES = {"train": 4000, "val": 200, "test": 200}
+
+# shape -> (singular verb phrase, plural verb phrase, reason)
+SHAPE_FUNCTIONS = {
+    "circle": ("would roll", "would roll", "it is round"),
+    "triangle": ("has three corners", "have three corners", "it is a triangle"),
+    "square": ("has four equal sides", "have four equal sides", "it is a square"),
+    "hexagon": ("has six corners", "have six corners", "it is a hexagon"),
+    "star": ("has five points", "have five points", "it is a star"),
+}
+# colour -> (thing, verb)
+COLOUR_KNOWLEDGE = {
+    "green": ("grass", "is"),
+    "blue": ("the sky", "is"),
+    "yellow": ("a banana", "is"),
+    "red": ("a tomato", "is"),
+    "orange": ("an orange", "is"),
+    "purple": ("grapes", "are"),
+}
+RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+MULTI_ANSWER_TEMPLATES = ("Sure, {segs}.", "Sure, they are {segs}.", "They are {segs}.", "{segs}.")
+ABSENT_ANSWER = "There is no such object in the image."
+KINDS = ("attribute", "size", "relation", "function", "multiple", "absent")
+KIND_WEIGHTS = {"attribute": 1.0, "size": 1.0, "relation": 1.5, "function": 1.5, "multiple": 1.0, "absent": 0.5}
+SIZE_MARGIN = 1.3  # the largest/smallest must beat the runner-up by this area ratio
+MIN_RADIUS, MAX_RADIUS = 0.07, 0.17  # fractions of the image side
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    centre: tuple[float, float]  # (x, y)
+    radius: float
+    rotation: float  # radians
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.colour, self.shape)
+
+
+@dataclass(frozen=True)
+class Query:
+    kind: str
+    text: str  # a noun phrase or a sentence
+    is_sentence: bool
+    targets: tuple[int, ...]  # object indices, ordered left to right
+    explanation: str  # "" for absent queries
+    involved: tuple[int, ...]  # targets plus a relation's reference
+    named_pair: Optional[tuple[str, str]] = None  # the pair an absent query names
+
+
+def plural(shape: str) -> str:
+    return shape + "s"
+
+
+def join_segs(count: int) -> str:
+    segs = ["[SEG]"] * count
+    return segs[0] if count == 1 else ", ".join(segs[:-1]) + " and " + segs[-1]
+
+
+def object_polygon(obj: SceneObject) -> Optional[np.ndarray]:
+    """Vertices (N, 2) of a polygonal shape; None for a circle."""
+    if obj.shape == "circle":
+        return None
+    if obj.shape == "square":
+        angles = np.pi / 4 + np.arange(4) * np.pi / 2
+        radii = np.full(4, obj.radius)
+    elif obj.shape == "triangle":
+        angles = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        radii = np.full(3, obj.radius)
+    elif obj.shape == "hexagon":
+        angles = np.arange(6) * np.pi / 3
+        radii = np.full(6, obj.radius)
+    else:  # star
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, obj.radius, obj.radius * 0.45)
+    angles = angles + obj.rotation
+    x = obj.centre[0] + radii * np.cos(angles)
+    y = obj.centre[1] + radii * np.sin(angles)
+    return np.stack([x, y], axis=1)
+
+
+def object_mask(obj: SceneObject, size: int) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    polygon = object_polygon(obj)
+    if polygon is None:
+        cv2.circle(mask, (int(round(obj.centre[0])), int(round(obj.centre[1]))), int(round(obj.radius)), 1, -1)
+    else:
+        cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1)
+    return mask
+
+
+class SyntheticReasonSeg:
+    """One split of the benchmark; `get(index, rng)` for training, `eval_sample(index)` for evaluation."""
+
+    name = "synthetic"
+
+    def __init__(
+        self,
+        split: str = "train",
+        seed: int = 0,
+        size: Optional[int] = None,
+        image_size: int = 128,
+        max_objects: int = 5,
+        explanatory_rate: float = templates.EXPLANATORY_RATE,
+        queries_per_image: int = templates.QUERIES_PER_IMAGE,
+    ):
+        if split not in SPLITS:
+            raise InputError(f"synthetic split must be one of {list(SPLITS)}, got {split!r}")
+        if max_objects < 2:
+            raise InputError(f"max_objects must be at least 2, got {max_objects}")
+        if image_size < 32:
+            raise InputError(f"image_size must be at least 32, got {image_size}")
+        self.split = split
+        self.seed = seed
+        self.size = DEFAULT_SIZES[split] if size is None else size
+        self.image_size = image_size
+        self.max_objects = max_objects
+        self.explanatory_rate = explanatory_rate
+        self.queries_per_image = queries_per_image
+
+    def __len__(self) -> int:
+        return self.size
+
+    # scenes
+
+    def _scene_rng(self, index: int) -> np.random.Generator:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} {self.split} scenes")
+        return np.random.default_rng([self.seed, SPLITS[self.split], index])
+
+    def _draw_pair(self, rng: np.random.Generator, force_held_out: bool) -> tuple[str, str]:
+        if force_held_out:
+            held_out = sorted(HELD_OUT_PAIRS)
+            return held_out[int(rng.integers(len(held_out)))]
+        while True:
+            pair = (list(COLOURS)[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))])
+            if self.split == "test" or pair not in HELD_OUT_PAIRS:
+                return pair
+
+    def scene(self, index: int) -> tuple[list[SceneObject], list[np.ndarray], np.ndarray, np.random.Generator]:
+        """Objects, their masks, the image, and the scene's generator (for drawing its queries)."""
+        rng = self._scene_rng(index)
+        side = self.image_size
+        count = int(rng.integers(2, self.max_objects + 1))
+        objects: list[SceneObject] = []
+        for position in range(count):
+            colour, shape = self._draw_pair(rng, force_held_out=self.split == "test" and position == 0)
+            for _ in range(100):
+                radius = float(rng.uniform(MIN_RADIUS, MAX_RADIUS) * side)
+                centre = (float(rng.uniform(radius + 2, side - radius - 2)), float(rng.uniform(radius + 2, side - radius - 2)))
+                rotation = float(rng.uniform(-0.25, 0.25))
+                if all(math.dist(centre, o.centre) >= radius + o.radius + 3 for o in objects):
+                    objects.append(SceneObject(colour, shape, centre, radius, rotation))
+                    break
+        background = int(rng.integers(200, 246))
+        image = np.full((side, side, 3), background, dtype=np.uint8)
+        masks = [object_mask(obj, side) for obj in objects]
+        for obj, mask in zip(objects, masks):
+            image[mask == 1] = COLOURS[obj.colour]
+        return objects, masks, image, rng
+
+    # queries
+
+    def candidate_queries(self, objects: list[SceneObject], masks: list[np.ndarray]) -> list[Query]:
+        """Every query the scene supports, filtered by the split's hold-out rule."""
+        queries = (
+            attribute_queries(objects)
+            + size_queries(objects, masks)
+            + relation_queries(objects, masks, self.image_size)
+            + function_queries(objects)
+            + multiple_queries(objects)
+            + absent_queries(objects)
+        )
+        return [q for q in queries if self._allowed(q, objects)]
+
+    def _allowed(self, query: Query, objects: list[SceneObject]) -> bool:
+        held = query.named_pair in HELD_OUT_PAIRS or any(objects[i].pair in HELD_OUT_PAIRS for i in query.involved)
+        return held if self.split == "test" else not held
+
+    def _draw_queries(self, candidates: list[Query], rng: np.random.Generator, count: int) -> list[Query]:
+        remaining = list(candidates)
+        chosen = []
+        while remaining and len(chosen) < count:
+            kinds = sorted({q.kind for q in remaining}, key=KINDS.index)
+            weights = np.array([KIND_WEIGHTS[k] for k in kinds])
+            kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+            of_kind = [q for q in remaining if q.kind == kind]
+            query = of_kind[int(rng.integers(len(of_kind)))]
+            chosen.append(query)
+            remaining.remove(query)
+        return chosen
+
+    def _turn(self, query: Query, rng: np.random.Generator) -> tuple[str, str]:
+        if not query.targets:
+            return templates.segmentation_question(query.text, query.is_sentence, rng), ABSENT_ANSWER
+        if len(query.targets) == 1:
+            answer = templates.segmentation_answer(rng)
+        else:
+            answer = templates.choose(MULTI_ANSWER_TEMPLATES, rng).format(segs=join_segs(len(query.targets)))
+        if rng.random() < self.explanatory_rate:
+            asked = query.text if query.is_sentence else f"Where is the {query.text}?"
+            question = f"{asked} {templates.choose(templates.EXPLANATORY_QUESTION_SUFFIXES, rng)}"
+            return question, f"{answer} {query.explanation}"
+        return templates.segmentation_question(query.text, query.is_sentence, rng), answer
+
+    def get(self, index: int, rng: np.random.Generator) -> Sample:
+        objects, masks, image, _ = self.scene(index)
+        queries = self._draw_queries(self.candidate_queries(objects, masks), rng, self.queries_per_image)
+        conversations, sample_masks = [], []
+        for query in queries:
+            conversations.append([self._turn(query, rng)])
+            sample_masks.extend(masks[i].copy() for i in query.targets)
+        meta = {"kinds": [q.kind for q in queries], "queries": [q.text for q in queries], "split": self.split}
+        return Sample(image, conversations, sample_masks, self.name, meta)
+
+    def eval_sample(self, index: int) -> Sample:
+        """One query per scene, fixed by (seed, split, index), with the canonical answer."""
+        objects, masks, image, rng = self.scene(index)
+        query = self._draw_queries(self.candidate_queries(objects, masks), rng, 1)[0]
+        if not query.targets:
+            answer = ABSENT_ANSWER
+        else:
+            answer = f"{join_segs(len(query.targets))}."
+        turn = (templates.eval_question(query.text, query.is_sentence), answer)
+        meta = {
+            "kind": query.kind,
+            "query": query.text,
+            "is_sentence": query.is_sentence,
+            "split": self.split,
+            "objects": [(o.colour, o.shape) for o in objects],
+        }
+        return Sample(image, [[turn]], [masks[i].copy() for i in query.targets], self.name, meta)
+
+
+# query generators: each returns every query of its kind that the scene makes unambiguous
+
+
+def left_to_right(objects: list[SceneObject], indices) -> tuple[int, ...]:
+    return tuple(sorted(indices, key=lambda i: (objects[i].centre[0], objects[i].centre[1])))
+
+
+def describe(obj: SceneObject) -> str:
+    return f"{obj.colour} {obj.shape}"
+
+
+def attribute_queries(objects: list[SceneObject]) -> list[Query]:
+    queries = []
+    for index, obj in enumerate(objects):
+        same_colour = [o for o in objects if o.colour == obj.colour]
+        same_shape = [o for o in objects if o.shape == obj.shape]
+        same_pair = [o for o in objects if o.pair == obj.pair]
+        if len(same_colour) == 1:
+            queries.append(
+                Query("attribute", f"{obj.colour} shape", False, (index,),
+                      f"The {describe(obj)} is the only {obj.colour} shape.", (index,))
+            )
+        elif len(same_shape) > 1 and len(same_pair) == 1:
+            queries.append(
+                Query("attribute", describe(obj), False, (index,),
+                      f"It is the only {obj.shape} that is {obj.colour}.", (index,))
+            )
+    return queries
+
+
+def _areas(masks: list[np.ndarray]) -> list[int]:
+    return [int(mask.sum()) for mask in masks]
+
+
+def unique_extreme(masks: list[np.ndarray], largest: bool) -> Optional[int]:
+    areas = _areas(masks)
+    order = sorted(range(len(areas)), key=lambda i: areas[i], reverse=largest)
+    first, second = areas[order[0]], areas[order[1]]
+    if largest and first >= SIZE_MARGIN * second or not largest and second >= SIZE_MARGIN * first:
+        return order[0]
+    return None
+
+
+def size_queries(objects: list[SceneObject], masks: list[np.ndarray]) -> list[Query]:
+    queries = []
+    for largest, word, comparison in ((True, "largest", "larger"), (False, "smallest", "smaller")):
+        index = unique_extreme(masks, largest)
+        if index is not None:
+            queries.append(
+                Query("size", f"{word} shape", False, (index,),
+                      f"The {describe(objects[index])} is {comparison} than every other shape.", (index,))
+            )
+    return queries
+
+
+def unique_references(objects: list[SceneObject], masks: list[np.ndarray]) -> list[tuple[int, str]]:
+    """(object index, description) of objects that one phrase picks out."""
+    references = []
+    for largest, word in ((True, "largest shape"), (False, "smallest shape")):
+        index = unique_extreme(masks, largest)
+        if index is not None:
+            references.append((index, word))
+    for index, obj in enumerate(objects):
+        if sum(o.colour == obj.colour for o in objects) == 1:
+            references.append((index, f"{obj.colour} shape"))
+        if sum(o.shape == obj.shape for o in objects) == 1:
+            references.append((index, obj.shape))
+    return references
+
+
+def relation_queries(objects: list[SceneObject], masks: list[np.ndarray], image_size: int) -> list[Query]:
+    gap = 0.05 * image_size
+    queries = []
+    for reference, reference_text in unique_references(objects, masks):
+        ref_x, ref_y = objects[reference].centre
+        for relation, (dx, dy) in RELATIONS.items():
+            matches = [
+                i for i, o in enumerate(objects)
+                if i != reference and (o.centre[0] - ref_x) * dx + (o.centre[1] - ref_y) * dy > gap
+            ]
+            if len(matches) == 1:
+                target = matches[0]
+                queries.append(
+                    Query("relation", f"Which shape is {relation} the {reference_text}?", True, (target,),
+                          f"The {describe(objects[target])} is the only shape {relation} the {reference_text}.",
+                          (target, reference))
+                )
+    return queries
+
+
+def function_queries(objects: list[SceneObject]) -> list[Query]:
+    queries = []
+    for shape, (singular, _, reason) in SHAPE_FUNCTIONS.items():
+        matches = [i for i, o in enumerate(objects) if o.shape == shape]
+        if len(matches) == 1:
+            obj = objects[matches[0]]
+            queries.append(
+                Query("function", f"Which shape {singular}?", True, tuple(matches),
+                      f"The {describe(obj)} {singular} because {reason}.", tuple(matches))
+            )
+    for colour, (thing, verb) in COLOUR_KNOWLEDGE.items():
+        matches = [i for i, o in enumerate(objects) if o.colour == colour]
+        if len(matches) == 1:
+            obj = objects[matches[0]]
+            queries.append(
+                Query("function", f"Which shape has the colour of {thing}?", True, tuple(matches),
+                      f"The {describe(obj)} has the colour of {thing} because {thing} {verb} {colour}.",
+                      tuple(matches))
+            )
+    return queries
+
+
+def multiple_queries(objects: list[SceneObject]) -> list[Query]:
+    queries = []
+    for shape in SHAPES:
+        matches = left_to_right(objects, [i for i, o in enumerate(objects) if o.shape == shape])
+        if len(matches) >= 2:
+            count = NUMBER_WORDS[len(matches)]
+            text = f"Find both {plural(shape)}." if len(matches) == 2 else f"Find all the {plural(shape)}."
+            queries.append(Query("multiple", text, True, matches, f"There are {count} {plural(shape)}.", matches))
+            singular, plural_verb, _ = SHAPE_FUNCTIONS[shape]
+            queries.append(
+                Query("multiple", f"Which shapes {plural_verb}?", True, matches,
+                      f"There are {count} {plural(shape)} and each {singular}.", matches)
+            )
+    for colour in COLOURS:
+        matches = left_to_right(objects, [i for i, o in enumerate(objects) if o.colour == colour])
+        if len(matches) >= 2:
+            count = NUMBER_WORDS[len(matches)]
+            queries.append(
+                Query("multiple", f"Find all the {colour} shapes.", True, matches,
+                      f"There are {count} {colour} shapes.", matches)
+            )
+    return queries
+
+
+def absent_queries(objects: list[SceneObject]) -> list[Query]:
+    present_pairs = {o.pair for o in objects}
+    present_colours = {o.colour for o in objects}
+    present_shapes = {o.shape for o in objects}
+    queries = []
+    # Pairs one half of which is in the scene: the model must check both attributes.
+    for colour, shape in itertools.product(COLOURS, SHAPES):
+        if (colour, shape) not in present_pairs and (colour in present_colours or shape in present_shapes):
+            queries.append(Query("absent", f"{colour} {shape}", False, (), "", (), (colour, shape)))
+    for shape, (singular, _, _) in SHAPE_FUNCTIONS.items():
+        if shape not in present_shapes:
+            queries.append(Query("absent", f"Which shape {singular}?", True, (), "", ()))
+    for colour, (thing, _) in COLOUR_KNOWLEDGE.items():
+        if colour not in present_colours:
+            queries.append(Query("absent", f"Which shape has the colour of {thing}?", True, (), "", ()))
+    return queries
+
+
+def corpus() -> list[str]:
+    """Sentences covering every word the benchmark emits (questions, answers, explanations)."""
+    sentences = list(templates.template_corpus())
+    sentences += list(MULTI_ANSWER_TEMPLATES) + [ABSENT_ANSWER, join_segs(3) + "."]
+    sentences.append(" ".join(NUMBER_WORDS.values()))
+    colours, shapes = list(COLOURS), list(SHAPES)
+    sentences.append("Where is the")
+    for colour in colours:
+        sentences.append(f"{colour} shape. Find all the {colour} shapes.")
+        sentences.append(f"It is the only {colour} shape.")
+    for colour, shape in itertools.product(colours, shapes):
+        sentences.append(f"The {colour} {shape} is the only {colour} shape.")
+        sentences.append(f"It is the only {shape} that is {colour}.")
+    sentences.append("largest shape smallest shape larger smaller than every other shape.")
+    for relation in RELATIONS:
+        sentences.append(f"Which shape is {relation} the? The is the only shape {relation} the.")
+    for shape, (singular, plural_verb, reason) in SHAPE_FUNCTIONS.items():
+        sentences.append(f"Which shape {singular}? Which shapes {plural_verb}? because {reason}.")
+        sentences.append(f"Find both {plural(shape)}. Find all the {plural(shape)}. There are {plural(shape)} and each.")
+    for colour, (thing, verb) in COLOUR_KNOWLEDGE.items():
+        sentences.append(f"Which shape has the colour of {thing}? because {thing} {verb} {colour}.")
+    return sentences

@@ -16,7 +16,7 @@ build_key=$(
     {
         find msg srv scripts -type f -print0 | sort -z | xargs -0 cat
         cat CMakeLists.txt package.xml tools/build_interfaces.sh .stamps/venv 2>/dev/null || true
-        find lisa_ros launch config -type f \( -name '*.py' -o -name '*.yaml' \) | sort
+        { find lisa_ros -name '*.py'; find launch config -type f; } | sort
     } | sha256sum | cut -d' ' -f1
 )
 # install/ links into build/, so both must still be there.
@@ -50,7 +50,7 @@ for cmake_file in sorted(venv.glob("share/*/cmake/*.cmake")):
         print(f"[build_interfaces] include folders rewritten in {cmake_file.relative_to(venv)}")
 EOF
 
-echo "[build_interfaces] colcon build (about two minutes from scratch)"
+echo "[build_interfaces] colcon build (under a minute from scratch)"
 set +u
 # shellcheck disable=SC1091
 source "$venv/bin/activate"

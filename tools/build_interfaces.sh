@@ -9,6 +9,10 @@ root=$PWD
 venv=$root/.venv
 python=$venv/bin/python
 stamp=$root/.stamps/interfaces
+mkdir -p "$root/.stamps"
+# One build at a time: several shells may run the set-up at once.
+exec 9>"$stamp.lock"
+flock 9
 
 # What the build depends on: interface and build files, the launcher, which files are installed
 # (their contents are linked, not copied), the venv and this script.

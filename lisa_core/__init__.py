@@ -13,7 +13,6 @@ _EXPORTS = {
     "from_pretrained": "lisa_core.checkpoint",
     "save_pretrained": "lisa_core.checkpoint",
     "save_official_layout": "lisa_core.checkpoint",
-    "generate": "lisa_core.generate",
     "save_tiny_checkpoint": "lisa_core.tiny",
     "SegmentationResult": "lisa_core.result",
     "Target": "lisa_core.result",

@@ -1,0 +1,241 @@
+"""Checkpoints: the official LISA layout (written by us at tiny size) and our own format."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lisa_core.checkpoint import from_pretrained, save_official_layout, save_pretrained
+from lisa_core.errors import CheckpointError
+from lisa_core.pipeline import LisaPipeline
+from lisa_core.tiny import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=3)
+    model, tokenizer = from_pretrained(path)
+    return path, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def official(tiny, tmp_path_factory):
+    _, model, tokenizer = tiny
+    root = tmp_path_factory.mktemp("official")
+    save_official_layout(model, tokenizer, root / "LISA-tiny", vision_tower_dir=root / "clip", shard_size=300_000)
+    return root / "LISA-tiny", root / "clip"
+
+
+def forced_seg_processor(seg_id):
+    def processor(generated_ids, logits):
+        if len(generated_ids) in (1, 3):
+            logits = logits.clone()
+            logits[seg_id] += 1e4
+        return logits
+
+    return processor
+
+
+def test_official_layout_files(official, tiny):
+    folder, clip = official
+    names = {path.name for path in folder.iterdir()}
+    shards = sorted(name for name in names if name.startswith("pytorch_model-"))
+    assert len(shards) > 1 and "pytorch_model.bin.index.json" in names and "config.json" in names
+    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    keys = set(index["weight_map"])
+    assert "model.visual_model.mask_decoder.iou_token.weight" in keys
+    assert "model.text_hidden_fcs.0.2.weight" in keys and "lm_head.weight" in keys
+    assert not any("vision_tower" in key for key in keys)  # CLIP lives in its own folder
+    assert (clip / "config.json").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["vision_tower"] == str(clip.resolve())
+
+
+def test_official_layout_loads_with_the_same_outputs(official, tiny):
+    folder, _ = official
+    _, model, tokenizer = tiny
+    loaded, loaded_tokenizer = from_pretrained(folder)
+    original_state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert set(original_state) == set(loaded_state)
+    for name, tensor in original_state.items():
+        assert torch.equal(tensor, loaded_state[name]), name
+    seg = loaded_tokenizer.convert_tokens_to_ids("[SEG]")
+    assert seg == tokenizer.convert_tokens_to_ids("[SEG]")
+    image = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    results = [
+        LisaPipeline(m, t, logits_processor=forced_seg_processor(seg)).segment(image, "Segment the cup.",
+                                                                                max_new_tokens=6)
+        for m, t in ((model, tokenizer), (loaded, loaded_tokenizer))
+    ]
+    assert results[0].output_ids == results[1].output_ids
+    assert len(results[0].targets) == 2
+    for a, b in zip(results[0].targets, results[1].targets):
+        assert np.array_equal(a.mask, b.mask)
+        torch.testing.assert_close(a.prompt_embedding, b.prompt_embedding, atol=1e-6, rtol=0)
+
+
+def test_official_safetensors_shards_load(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    folder = tmp_path / "st"
+    save_official_layout(model, tokenizer, folder, vision_tower_dir=tmp_path / "clip")
+    state = torch.load(folder / "pytorch_model-00001-of-00001.bin", weights_only=True)
+    (folder / "pytorch_model-00001-of-00001.bin").unlink()
+    (folder / "pytorch_model.bin.index.json").unlink()
+    keys = sorted(state)
+    half = len(keys) // 2
+    weight_map = {}
+    for index, part in enumerate((keys[:half], keys[half:]), start=1):
+        name = f"model-{index:05d}-of-00002.safetensors"
+        save_file({key: state[key].contiguous() for key in part}, str(folder / name))
+        weight_map.update({key: name for key in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded, _ = from_pretrained(folder)
+    assert torch.equal(loaded.language_model.lm_head.weight, model.language_model.lm_head.weight)
+
+
+def test_our_format_round_trip_and_dtype(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    save_pretrained(model, tokenizer, tmp_path / "again")
+    loaded, loaded_tokenizer = from_pretrained(tmp_path / "again")
+    assert loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert loaded_tokenizer("Sure, it is [SEG].").input_ids == tokenizer("Sure, it is [SEG].").input_ids
+    half, _ = from_pretrained(tmp_path / "again", dtype="bf16")
+    assert half.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert half.visual_model.mask_decoder.iou_token.weight.dtype == torch.bfloat16
+    # SAM's positional-encoding matrix is a buffer that keeps float32 (its input grid is float32)
+    assert half.visual_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+
+
+class _CreatesFile:
+    """Unpickling this would create a file: a stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_is_refused(official, tmp_path):
+    folder, clip = official
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for source in folder.iterdir():
+        (bad / source.name).write_bytes(source.read_bytes())
+    victim = tmp_path / "pwned.txt"
+    shard = sorted(bad.glob("pytorch_model-*.bin"))[0]
+    state = torch.load(shard, weights_only=True)
+    state["payload"] = _CreatesFile(str(victim))
+    torch.save(state, shard)
+    assert not victim.exists()
+    with pytest.raises(CheckpointError, match=shard.name):
+        from_pretrained(bad)
+    assert not victim.exists()
+    # the same payload in a plain pickle .bin (no zip container)
+    with open(shard, "wb") as handle:
+        pickle.dump({"x": _CreatesFile(str(victim))}, handle)
+    with pytest.raises(CheckpointError, match=shard.name):
+        from_pretrained(bad)
+    assert not victim.exists()
+
+
+def _copy(folder, target):
+    target.mkdir()
+    for source in folder.iterdir():
+        (target / source.name).write_bytes(source.read_bytes())
+    return target
+
+
+def _edit_first_shard(folder, edit):
+    shard = sorted(folder.glob("pytorch_model-*.bin"))[0]
+    state = torch.load(shard, weights_only=True)
+    edit(state)
+    torch.save(state, shard)
+    return shard
+
+
+def test_missing_shard_is_named(official, tmp_path):
+    bad = _copy(official[0], tmp_path / "bad")
+    shard = sorted(bad.glob("pytorch_model-*.bin"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*missing"):
+        from_pretrained(bad)
+
+
+def test_missing_key_is_named(official, tmp_path):
+    bad = _copy(official[0], tmp_path / "bad")
+    removed = []
+    _edit_first_shard(bad, lambda state: removed.append(state.pop(sorted(state)[0])))
+    index = json.loads((bad / "pytorch_model.bin.index.json").read_text())
+    first_shard = sorted(bad.glob("pytorch_model-*.bin"))[0].name
+    missing_key = sorted(key for key, file in index["weight_map"].items() if file == first_shard)[0]
+    with pytest.raises(CheckpointError, match=f"missing key.*{missing_key}"):
+        from_pretrained(bad)
+
+
+def test_unexpected_key_is_named(official, tmp_path):
+    bad = _copy(official[0], tmp_path / "bad")
+    shard = _edit_first_shard(bad, lambda state: state.update({"model.extra_head.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*unexpected key 'model.extra_head.weight'"):
+        from_pretrained(bad)
+
+
+def test_wrong_shape_is_named(official, tmp_path):
+    bad = _copy(official[0], tmp_path / "bad")
+    holder = {}
+
+    def shrink(state):
+        key = sorted(state)[0]
+        holder["key"] = key
+        state[key] = state[key].reshape(-1)[:1].clone()
+
+    shard = _edit_first_shard(bad, shrink)
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*{holder['key']}.*shape"):
+        from_pretrained(bad)
+
+
+def test_wrong_model_type_and_missing_files(official, tmp_path):
+    bad = _copy(official[0], tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "bert"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json.*'bert'"):
+        from_pretrained(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        from_pretrained(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="lisa_config.json"):
+        from_pretrained(empty)
+
+
+def test_missing_vision_tower_is_explained(official, tmp_path):
+    bad = _copy(official[0], tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["vision_tower"] = config["mm_vision_tower"] = "openai/clip-vit-large-patch14"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="clip-vit-large-patch14.*local Hugging Face cache"):
+        from_pretrained(bad)
+    loaded, _ = from_pretrained(bad, vision_tower=official[1])  # the folder given explicitly
+    assert loaded.vision_tower.config.hidden_size == 32
+
+
+def test_tokenizer_without_seg_is_refused(tiny, tmp_path):
+    bad = _copy(tiny[0], tmp_path / "bad")
+    tokenizer_state = json.loads((bad / "tokenizer.json").read_text())
+    tokenizer_state["added_tokens"] = [t for t in tokenizer_state["added_tokens"] if t["content"] != "[SEG]"]
+    (bad / "tokenizer.json").write_text(json.dumps(tokenizer_state))
+    tokenizer_config = json.loads((bad / "tokenizer_config.json").read_text())
+    tokenizer_config["added_tokens_decoder"] = {
+        key: value for key, value in tokenizer_config.get("added_tokens_decoder", {}).items()
+        if value["content"] != "[SEG]"
+    }
+    (bad / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(CheckpointError, match=r"no \[SEG\] token"):
+        from_pretrained(bad)

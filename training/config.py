@@ -54,7 +54,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
 
     # --- data ------------------------------------------------------------------------------------
-    datasets: list = field(default_factory=list)  # see training.data for the entry format
+    datasets: list = field(default_factory=list)  # entries for training.data.build_mixture
+    epoch_samples: int = 80000  # mixture items per epoch (official: 500 steps x 2 x 10 x 8 GPUs)
     max_length: int = 512  # tokens per sample; longer conversations are cut (answers last)
     num_workers: int = 0
 
@@ -107,7 +108,7 @@ class TrainConfig:
             )
         if self.model is not None and self.tiny_model is not None:
             raise ConfigurationError("set either model (a folder) or tiny_model, not both")
-        for name in ("batch_size", "grad_accumulation", "max_steps", "log_every", "save_every"):
+        for name in ("batch_size", "grad_accumulation", "max_steps", "log_every", "save_every", "epoch_samples"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:

@@ -238,3 +238,13 @@ def test_configuration_and_errors():
     with pytest.raises(InputError, match="max_objects"):
         SyntheticReasonSeg(max_objects=1)
     assert len(SHAPES) == 5 and len(COLOURS) == 6
+
+
+def test_kinds_can_be_restricted():
+    dataset = SyntheticReasonSeg("test", seed=0, size=60, kinds=("relation", "absent"))
+    rng = np.random.default_rng(0)
+    for index in range(len(dataset)):
+        assert dataset.eval_sample(index).meta["kind"] in ("relation", "absent")
+        assert set(dataset.get(index, rng).meta["kinds"]) <= {"relation", "absent"}
+    with pytest.raises(InputError, match="kinds must be a non-empty subset"):
+        SyntheticReasonSeg(kinds=("colour",))

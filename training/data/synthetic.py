@@ -25,6 +25,8 @@ query with a target is asked with an explanatory suffix ("... Please output segm
 explain why.") and answered with a reason after the [SEG]s ("Sure, [SEG]. The red circle would roll
 because it is round.").
 
+`kinds` restricts the query kinds (all six by default), e.g. for an easier demo task.
+
 Splits: scene `index` of split `split` comes from numpy's generator seeded with (seed, split, index).
 Compositional hold-out: HELD_OUT_PAIRS (one colour per shape) never appear in "train" or "val" scenes
 and are never named in their queries; every "test" scene holds at least one held-out object and every
@@ -39,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -169,6 +171,7 @@ class SyntheticReasonSeg:
         max_objects: int = 5,
         explanatory_rate: float = templates.EXPLANATORY_RATE,
         queries_per_image: int = templates.QUERIES_PER_IMAGE,
+        kinds: Sequence[str] = KINDS,
     ):
         if split not in SPLITS:
             raise InputError(f"synthetic split must be one of {list(SPLITS)}, got {split!r}")
@@ -176,6 +179,9 @@ class SyntheticReasonSeg:
             raise InputError(f"max_objects must be at least 2, got {max_objects}")
         if image_size < 32:
             raise InputError(f"image_size must be at least 32, got {image_size}")
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown or not kinds:
+            raise InputError(f"kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
         self.split = split
         self.seed = seed
         self.size = DEFAULT_SIZES[split] if size is None else size
@@ -183,6 +189,7 @@ class SyntheticReasonSeg:
         self.max_objects = max_objects
         self.explanatory_rate = explanatory_rate
         self.queries_per_image = queries_per_image
+        self.kinds = tuple(kinds)
 
     def __len__(self) -> int:
         return self.size
@@ -204,8 +211,19 @@ class SyntheticReasonSeg:
                 return pair
 
     def scene(self, index: int) -> tuple[list[SceneObject], list[np.ndarray], np.ndarray, np.random.Generator]:
-        """Objects, their masks, the image, and the scene's generator (for drawing its queries)."""
+        """Objects, their masks, the image, and the scene's generator (for drawing its queries).
+
+        A layout that supports no query of the allowed kinds is replaced by the next one the
+        generator draws, so every scene has at least one query.
+        """
         rng = self._scene_rng(index)
+        for _ in range(100):
+            objects, masks, image = self._layout(rng)
+            if self.candidate_queries(objects, masks):
+                return objects, masks, image, rng
+        raise InputError(f"no scene supports a query of kinds {list(self.kinds)}; allow more kinds")
+
+    def _layout(self, rng: np.random.Generator) -> tuple[list[SceneObject], list[np.ndarray], np.ndarray]:
         side = self.image_size
         count = int(rng.integers(2, self.max_objects + 1))
         objects: list[SceneObject] = []
@@ -223,12 +241,12 @@ class SyntheticReasonSeg:
         masks = [object_mask(obj, side) for obj in objects]
         for obj, mask in zip(objects, masks):
             image[mask == 1] = COLOURS[obj.colour]
-        return objects, masks, image, rng
+        return objects, masks, image
 
     # queries
 
     def candidate_queries(self, objects: list[SceneObject], masks: list[np.ndarray]) -> list[Query]:
-        """Every query the scene supports, filtered by the split's hold-out rule."""
+        """Every query of the allowed kinds that the scene supports, filtered by the split's hold-out rule."""
         queries = (
             attribute_queries(objects)
             + size_queries(objects, masks)
@@ -237,7 +255,7 @@ class SyntheticReasonSeg:
             + multiple_queries(objects)
             + absent_queries(objects)
         )
-        return [q for q in queries if self._allowed(q, objects)]
+        return [q for q in queries if q.kind in self.kinds and self._allowed(q, objects)]
 
     def _allowed(self, query: Query, objects: list[SceneObject]) -> bool:
         held = query.named_pair in HELD_OUT_PAIRS or any(objects[i].pair in HELD_OUT_PAIRS for i in query.involved)

@@ -288,3 +288,10 @@ def test_postprocess_masks_refuses_bad_shapes():
         postprocess_masks(torch.zeros(2, 3, 256, 256), (1024, 1024), (10, 10))
     with pytest.raises(InputError, match="shape"):
         postprocess_masks(torch.zeros(256, 256), (1024, 1024), (10, 10))
+
+
+def test_images_above_8192_pixels_per_side_are_accepted():
+    tall = random_image(9000, 40)
+    pixels, resized_hw = sam_preprocess(tall)
+    assert resized_hw == (1024, 5) and pixels.shape == (3, 1024, 1024)
+    assert clip_preprocess(tall).shape == (3, 224, 224)

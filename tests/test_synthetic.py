@@ -94,8 +94,10 @@ def test_every_candidate_query_has_the_right_targets(split):
     dataset = SyntheticReasonSeg(split, seed=5, size=150)
     kinds = set()
     for index in range(len(dataset)):
-        objects, masks, image, _ = dataset.scene(index)
-        for query in dataset.candidate_queries(objects, masks):
+        scene = dataset.scene(index)
+        objects, masks = scene.objects, scene.masks
+        assert scene.queries == dataset.candidate_queries(objects, masks)
+        for query in scene.queries:
             kinds.add(query.kind)
             targets, _ = oracle(query.text, objects, masks, dataset.image_size)
             assert set(query.targets) == targets, (index, query)
@@ -114,7 +116,8 @@ def test_scenes_render_each_object_exactly():
     dataset = SyntheticReasonSeg("val", seed=1, size=40)
     counts = set()
     for index in range(len(dataset)):
-        objects, masks, image, _ = dataset.scene(index)
+        scene = dataset.scene(index)
+        objects, masks, image = scene.objects, scene.masks, scene.image
         counts.add(len(objects))
         assert image.shape == (128, 128, 3) and image.dtype == np.uint8
         total = np.zeros((128, 128), dtype=int)
@@ -137,7 +140,7 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ():
         assert digest(a.get(index, np.random.default_rng(index))) == digest(b.get(index, np.random.default_rng(index)))
     assert sum(digest(a.eval_sample(i)) != digest(other.eval_sample(i)) for i in range(30)) == 30
     test_split = SyntheticReasonSeg("test", seed=11, size=30)
-    assert all(a.scene(i)[2].tobytes() != test_split.scene(i)[2].tobytes() for i in range(30))
+    assert all(a.scene(i).image.tobytes() != test_split.scene(i).image.tobytes() for i in range(30))
 
 
 def held_out_phrases():
@@ -149,7 +152,7 @@ def test_held_out_compositions_never_appear_outside_test(split):
     dataset = SyntheticReasonSeg(split, seed=0, size=400, explanatory_rate=0.5)
     rng = np.random.default_rng(0)
     for index in range(len(dataset)):
-        objects, _, _, _ = dataset.scene(index)
+        objects = dataset.scene(index).objects
         assert not any(o.pair in HELD_OUT_PAIRS for o in objects)
         sample = dataset.get(index, rng)
         text = " ".join(q + " " + a for conversation in sample.conversations for q, a in conversation)
@@ -161,7 +164,8 @@ def test_held_out_compositions_never_appear_outside_test(split):
 def test_every_test_query_involves_a_held_out_composition():
     dataset = SyntheticReasonSeg("test", seed=0, size=200)
     for index in range(len(dataset)):
-        objects, masks, _, _ = dataset.scene(index)
+        scene = dataset.scene(index)
+        objects, masks = scene.objects, scene.masks
         assert any(o.pair in HELD_OUT_PAIRS for o in objects)
         sample = dataset.eval_sample(index)
         query = sample.meta["query"]
@@ -229,7 +233,7 @@ def test_corpus_covers_every_generated_word():
 def test_configuration_and_errors():
     small = SyntheticReasonSeg("val", size=3, image_size=64, max_objects=2)
     assert len(small) == 3 and small.eval_sample(0).image.shape == (64, 64, 3)
-    assert all(len(small.scene(i)[0]) == 2 for i in range(3))
+    assert all(len(small.scene(i).objects) == 2 for i in range(3))
     assert len(SyntheticReasonSeg("train")) == 4000
     with pytest.raises(InputError, match="split must be one of"):
         SyntheticReasonSeg("dev")

@@ -116,6 +116,15 @@ class Query:
     named_pair: Optional[tuple[str, str]] = None  # the pair an absent query names
 
 
+@dataclass
+class Scene:
+    objects: list[SceneObject]
+    masks: list[np.ndarray]  # uint8 (side, side), one per object
+    image: np.ndarray
+    queries: list[Query]  # every query the split allows for this scene
+    rng: np.random.Generator  # the scene's generator, after drawing the layout
+
+
 def plural(shape: str) -> str:
     return shape + "s"
 
@@ -210,17 +219,15 @@ class SyntheticReasonSeg:
             if self.split == "test" or pair not in HELD_OUT_PAIRS:
                 return pair
 
-    def scene(self, index: int) -> tuple[list[SceneObject], list[np.ndarray], np.ndarray, np.random.Generator]:
-        """Objects, their masks, the image, and the scene's generator (for drawing its queries).
-
-        A layout that supports no query of the allowed kinds is replaced by the next one the
-        generator draws, so every scene has at least one query.
-        """
+    def scene(self, index: int) -> Scene:
+        """Scene `index`. A layout that supports no query of the allowed kinds is replaced by the next
+        one the generator draws, so every scene has at least one query."""
         rng = self._scene_rng(index)
         for _ in range(100):
             objects, masks, image = self._layout(rng)
-            if self.candidate_queries(objects, masks):
-                return objects, masks, image, rng
+            queries = self.candidate_queries(objects, masks)
+            if queries:
+                return Scene(objects, masks, image, queries, rng)
         raise InputError(f"no scene supports a query of kinds {list(self.kinds)}; allow more kinds")
 
     def _layout(self, rng: np.random.Generator) -> tuple[list[SceneObject], list[np.ndarray], np.ndarray]:
@@ -288,19 +295,19 @@ class SyntheticReasonSeg:
         return templates.segmentation_question(query.text, query.is_sentence, rng), answer
 
     def get(self, index: int, rng: np.random.Generator) -> Sample:
-        objects, masks, image, _ = self.scene(index)
-        queries = self._draw_queries(self.candidate_queries(objects, masks), rng, self.queries_per_image)
-        conversations, sample_masks = [], []
+        scene = self.scene(index)
+        queries = self._draw_queries(scene.queries, rng, self.queries_per_image)
+        conversations, masks = [], []
         for query in queries:
             conversations.append([self._turn(query, rng)])
-            sample_masks.extend(masks[i].copy() for i in query.targets)
+            masks.extend(scene.masks[i].copy() for i in query.targets)
         meta = {"kinds": [q.kind for q in queries], "queries": [q.text for q in queries], "split": self.split}
-        return Sample(image, conversations, sample_masks, self.name, meta)
+        return Sample(scene.image, conversations, masks, self.name, meta)
 
     def eval_sample(self, index: int) -> Sample:
         """One query per scene, fixed by (seed, split, index), with the canonical answer."""
-        objects, masks, image, rng = self.scene(index)
-        query = self._draw_queries(self.candidate_queries(objects, masks), rng, 1)[0]
+        scene = self.scene(index)
+        query = self._draw_queries(scene.queries, scene.rng, 1)[0]
         if not query.targets:
             answer = ABSENT_ANSWER
         else:
@@ -311,9 +318,9 @@ class SyntheticReasonSeg:
             "query": query.text,
             "is_sentence": query.is_sentence,
             "split": self.split,
-            "objects": [(o.colour, o.shape) for o in objects],
+            "objects": [(o.colour, o.shape) for o in scene.objects],
         }
-        return Sample(image, [[turn]], [masks[i].copy() for i in query.targets], self.name, meta)
+        return Sample(scene.image, [[turn]], [scene.masks[i].copy() for i in query.targets], self.name, meta)
 
 
 # query generators: each returns every query of its kind that the scene makes unambiguous

@@ -8,8 +8,8 @@ Two modes give the same tokens and [SEG] states:
 - "reference": the official LISA method. No cache; every step re-runs the whole sequence, and the
   [SEG] embeddings are read from the final full pass at the positions just before each [SEG].
 
-`cache_implementation="static"` preallocates the cache (transformers' StaticCache): fixed shapes, which
-is what torch.compile / CUDA graphs need for fast decoding on a GPU.
+A `KVDecoder` holds the cache: dynamic, or static (preallocated, reused across queries) with an optional
+torch.compile'd decoding step, which is what makes single-token steps fast on a GPU.
 """
 
 from __future__ import annotations
@@ -49,6 +49,64 @@ def _next_token(logits: torch.Tensor, output_ids: list[int], logits_processor: O
     return int(torch.argmax(logits).item())
 
 
+class KVDecoder:
+    """Prefill and single-token decoding steps on a KV cache, for the "cached" mode.
+
+    "dynamic": a fresh DynamicCache per query (grows as tokens come).
+    "static": a preallocated StaticCache per length bucket, reused by every query (fixed shapes and
+    addresses). That is what `compile=True` needs: the decoding step is then torch.compile'd with
+    mode="reduce-overhead", i.e. replayed as a CUDA graph on a GPU, which removes the per-kernel launch
+    cost that dominates single-token steps of a 7B model. Each new bucket costs one compilation.
+    """
+
+    def __init__(
+        self, model: LisaModel, cache_implementation: str = "dynamic", compile: bool = False, bucket: int = 256
+    ) -> None:
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}"
+            )
+        if compile and cache_implementation != "static":
+            raise ValueError("compile=True needs cache_implementation='static' (fixed shapes)")
+        self.model = model
+        self.cache_implementation = cache_implementation
+        self.bucket = bucket
+        self._static_caches: dict[int, StaticCache] = {}
+        self._step = torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=True) if compile else self._eager_step
+
+    def new_cache(self, length: int):
+        """An empty cache for `length` positions (prompt plus new tokens)."""
+        llama_config = self.model.language_model.config
+        if self.cache_implementation == "dynamic":
+            return DynamicCache(config=llama_config)
+        size = -(-length // self.bucket) * self.bucket
+        cache = self._static_caches.get(size)
+        if cache is None:
+            cache = self._static_caches[size] = StaticCache(config=llama_config, max_cache_len=size)
+        cache.reset()
+        return cache
+
+    def prefill(self, inputs_embeds: torch.Tensor, cache) -> torch.Tensor:
+        """Last-position hidden state (1, hidden) after running the prompt into `cache`."""
+        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        return self.model.language_forward(inputs_embeds, cache=cache, position_ids=positions)[:, -1]
+
+    def step(self, token: int, position: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (1, hidden), logits (1, vocab)) for one new token at `position`.
+
+        The returned tensors may be overwritten by the next step (CUDA graph outputs): copy to keep.
+        """
+        device = self.model.mm_projector.weight.device
+        token_ids = torch.tensor([[token]], device=device)
+        position_ids = torch.tensor([[position]], device=device)
+        return self._step(token_ids, position_ids, cache)
+
+    def _eager_step(self, token_ids: torch.Tensor, position_ids: torch.Tensor, cache):
+        token_embeds = self.model.embed_tokens(token_ids)
+        hidden = self.model.language_forward(token_embeds, cache=cache, position_ids=position_ids)[:, -1]
+        return hidden, self.model.lm_logits(hidden)
+
+
 @torch.no_grad()
 def generate(
     model: LisaModel,
@@ -58,64 +116,55 @@ def generate(
     eos_token_id: int,
     max_new_tokens: int,
     mode: str = "cached",
-    cache_implementation: str = "dynamic",
+    decoder: Optional[KVDecoder] = None,
     logits_processor: Optional[LogitsProcessor] = None,
 ) -> GenerationOutput:
-    """Greedy decoding for one prompt, `inputs_embeds` (1, L, hidden) with the image spliced in."""
+    """Greedy decoding for one prompt, `inputs_embeds` (1, L, hidden) with the image spliced in.
+
+    `decoder` (cached mode): reuse one KVDecoder across calls to keep its static caches and compiled
+    step; by default a dynamic-cache decoder is made for this call.
+    """
     if mode not in GENERATION_MODES:
         raise ValueError(f"generation mode must be one of {GENERATION_MODES}, got {mode!r}")
-    if cache_implementation not in CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"inputs_embeds must be (1, L, hidden), got {tuple(inputs_embeds.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if mode == "cached":
         return _generate_cached(
-            model, inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, cache_implementation, logits_processor
+            decoder or KVDecoder(model), inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, logits_processor
         )
     return _generate_reference(model, inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, logits_processor)
 
 
-def _make_cache(model: LisaModel, implementation: str, max_cache_len: int):
-    llama_config = model.language_model.config
-    if implementation == "static":
-        return StaticCache(config=llama_config, max_cache_len=max_cache_len)
-    return DynamicCache(config=llama_config)
-
-
 def _generate_cached(
-    model: LisaModel,
+    decoder: KVDecoder,
     inputs_embeds: torch.Tensor,
     seg_token_id: int,
     eos_token_id: int,
     max_new_tokens: int,
-    cache_implementation: str,
     logits_processor: Optional[LogitsProcessor],
 ) -> GenerationOutput:
     device = inputs_embeds.device
     prompt_length = inputs_embeds.shape[1]
-    cache = _make_cache(model, cache_implementation, prompt_length + max_new_tokens)
+    cache = decoder.new_cache(prompt_length + max_new_tokens)
 
     start = time.perf_counter()
-    positions = torch.arange(prompt_length, device=device).unsqueeze(0)
-    last_hidden = model.language_forward(inputs_embeds, cache=cache, position_ids=positions)[:, -1]
+    last_hidden = decoder.prefill(inputs_embeds, cache)
     output_ids: list[int] = []
     seg_states: list[torch.Tensor] = []
-    token = _next_token(model.lm_logits(last_hidden)[0], output_ids, logits_processor)
+    token = _next_token(decoder.model.lm_logits(last_hidden)[0], output_ids, logits_processor)
     _synchronize(device)
     prefill_done = time.perf_counter()
 
     while True:
         output_ids.append(token)
         if token == seg_token_id:
-            seg_states.append(last_hidden[0])
+            seg_states.append(last_hidden[0].clone())
         if token == eos_token_id or len(output_ids) == max_new_tokens:
             break
-        position = torch.tensor([[prompt_length + len(output_ids) - 1]], device=device)
-        token_embeds = model.embed_tokens(torch.tensor([[token]], device=device))
-        last_hidden = model.language_forward(token_embeds, cache=cache, position_ids=position)[:, -1]
-        token = _next_token(model.lm_logits(last_hidden)[0], output_ids, logits_processor)
+        last_hidden, logits = decoder.step(token, prompt_length + len(output_ids) - 1, cache)
+        token = _next_token(logits[0], output_ids, logits_processor)
     _synchronize(device)
     end = time.perf_counter()
     return GenerationOutput(

@@ -21,7 +21,7 @@ from torch import nn
 from lisa_core.checkpoint import from_pretrained as load_checkpoint
 from lisa_core.checkpoint import seg_token_id
 from lisa_core.errors import ConfigurationError, InputError
-from lisa_core.generate import CACHE_IMPLEMENTATIONS, GENERATION_MODES, LogitsProcessor, generate
+from lisa_core.generate import CACHE_IMPLEMENTATIONS, GENERATION_MODES, KVDecoder, LogitsProcessor, generate
 from lisa_core.model import LisaModel
 from lisa_core.preprocess import clip_preprocess, postprocess_masks, prepare_image, sam_preprocess
 from lisa_core.prompt import PromptBuilder, Turn
@@ -40,6 +40,7 @@ class FrameFeatures:
     resized_size: tuple[int, int]  # (h, w) inside SAM's padded square
     clip_features: Optional[torch.Tensor]  # (1, num_image_tokens, hidden); None when only tracking
     sam_embeddings: torch.Tensor  # (1, prompt_dim, h', w')
+    sam_ready: Optional[torch.cuda.Event] = None  # set while the SAM encoder runs on its own stream
 
 
 class _Stopwatch:
@@ -62,7 +63,8 @@ class _Stopwatch:
 
     def _now(self) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            # The current stream only: work on a side stream (the SAM encoder) keeps overlapping.
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
 
 
@@ -125,8 +127,18 @@ class LisaPipeline:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         frame_cache_size: int = 4,
         logits_processor: Optional[LogitsProcessor] = None,
+        compile_decoder: bool = False,
+        compile_sam_encoder: bool = False,
+        overlap_sam_encoder: bool = False,
     ) -> None:
-        """`logits_processor` edits next-token logits before the argmax (constrained decoding, tests)."""
+        """`logits_processor` edits next-token logits before the argmax (constrained decoding, tests).
+
+        Speed settings (each falls back to the plain path when off; see bench/bench_gpu.py):
+        - cache_implementation="static" with compile_decoder=True: decoding steps as CUDA graphs;
+        - compile_sam_encoder: torch.compile the SAM image encoder (fixed 1024x1024 input);
+        - overlap_sam_encoder: on a GPU, run the SAM encoder on its own CUDA stream while CLIP,
+          prefill and decoding run, and wait for it only when the masks are decoded.
+        """
         if generation_mode not in GENERATION_MODES:
             raise ConfigurationError(f"generation_mode must be one of {GENERATION_MODES}, got {generation_mode!r}")
         if cache_implementation not in CACHE_IMPLEMENTATIONS:
@@ -138,7 +150,7 @@ class LisaPipeline:
         self.config = model.config
         self.device = model.mm_projector.weight.device
         self.generation_mode = generation_mode
-        self.cache_implementation = cache_implementation
+        self.decoder = KVDecoder(model, cache_implementation, compile=compile_decoder)
         self.max_new_tokens = max_new_tokens
         self.logits_processor = logits_processor
         self.seg_token_id = seg_token_id(tokenizer, self.config.seg_token)
@@ -157,6 +169,11 @@ class LisaPipeline:
         self._frame_cache_size = frame_cache_size
         self._history: list[Turn] = []
         self._lock = threading.RLock()
+        encode_sam = self.model.sam_image_embeddings
+        self._encode_sam = torch.compile(encode_sam) if compile_sam_encoder else encode_sam
+        self._sam_stream = (
+            torch.cuda.Stream(self.device) if overlap_sam_encoder and self.device.type == "cuda" else None
+        )
 
     @classmethod
     def from_pretrained(
@@ -278,24 +295,38 @@ class LisaPipeline:
             self._frame_cache.move_to_end(frame_key)
             if cached.clip_features is not None or not need_clip:
                 return cached
+        if cached is not None:
+            resized_size, sam_embeddings, sam_ready = cached.resized_size, cached.sam_embeddings, cached.sam_ready
+        else:
+            resized_size, sam_embeddings, sam_ready = self._run_sam_encoder(image)
+            stopwatch.lap("sam_encoder")
         clip_features = None
         if need_clip:
             clip_pixels = clip_preprocess(image, size=self.config.vision_tower.image_size, device=self.device)
             clip_features = self.model.encode_clip(clip_pixels.unsqueeze(0))
             stopwatch.lap("clip")
-        if cached is not None:
-            frame = FrameFeatures(image_size, cached.resized_size, clip_features, cached.sam_embeddings)
-        else:
-            sam_pixels, resized_size = sam_preprocess(image, size=self.config.sam.image_size, device=self.device)
-            sam_embeddings = self.model.sam_image_embeddings(sam_pixels.unsqueeze(0))
-            stopwatch.lap("sam_encoder")
-            frame = FrameFeatures(image_size, resized_size, clip_features, sam_embeddings)
+        frame = FrameFeatures(image_size, resized_size, clip_features, sam_embeddings, sam_ready)
         if frame_key is not None:
             self._frame_cache[frame_key] = frame
             self._frame_cache.move_to_end(frame_key)
             while len(self._frame_cache) > self._frame_cache_size:
                 self._frame_cache.popitem(last=False)
         return frame
+
+    def _run_sam_encoder(self, image: np.ndarray):
+        """(resized (h, w), embeddings, ready event or None); on the side stream when overlapping."""
+        if self._sam_stream is None:
+            pixels, resized_size = sam_preprocess(image, size=self.config.sam.image_size, device=self.device)
+            return resized_size, self._encode_sam(pixels.unsqueeze(0)), None
+        main_stream = torch.cuda.current_stream(self.device)
+        self._sam_stream.wait_stream(main_stream)
+        with torch.cuda.stream(self._sam_stream):
+            pixels, resized_size = sam_preprocess(image, size=self.config.sam.image_size, device=self.device)
+            embeddings = self._encode_sam(pixels.unsqueeze(0))
+            ready = torch.cuda.Event()
+            ready.record(self._sam_stream)
+        embeddings.record_stream(main_stream)  # used on the main stream: keep its memory until then
+        return resized_size, embeddings, ready
 
     @torch.no_grad()
     def _answer(
@@ -320,7 +351,7 @@ class LisaPipeline:
             eos_token_id=self.eos_token_id,
             max_new_tokens=max_new_tokens,
             mode=self.generation_mode,
-            cache_implementation=self.cache_implementation,
+            decoder=self.decoder,
             logits_processor=self.logits_processor,
         )
         stopwatch.add(output.timings)
@@ -343,6 +374,9 @@ class LisaPipeline:
 
     @torch.no_grad()
     def _decode_targets(self, frame: FrameFeatures, prompts: torch.Tensor, stopwatch: _Stopwatch) -> list[Target]:
+        if frame.sam_ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(frame.sam_ready)
+            stopwatch.lap("sam_encoder")
         low_res_logits, iou_predictions = self.model.decode_masks(frame.sam_embeddings, prompts)
         stopwatch.lap("mask_decoder")
         logits = postprocess_masks(low_res_logits, frame.resized_size, frame.image_size, size=self.config.sam.image_size)

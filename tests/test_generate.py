@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lisa_core.errors import InputError
-from lisa_core.generate import generate
+from lisa_core.generate import KVDecoder, generate
 from lisa_core.model import IMAGE_PLACEHOLDER_ID
 from lisa_core.prompt import SYSTEM_PROMPT, PromptBuilder, Turn, build_prompt, tokenize_with_image
 from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
@@ -84,7 +84,7 @@ def test_free_running_tokens_match_and_max_new_tokens_stops(model, tokenizer):
     embeds = prompt_embeds(model, tokenizer, "Where can I sit down?")
     runs = [
         generate(model, embeds, seg_token_id=seg, eos_token_id=tokenizer.eos_token_id, max_new_tokens=12,
-                 mode=mode, cache_implementation=cache)
+                 mode=mode, decoder=KVDecoder(model, cache_implementation=cache))
         for mode, cache in (("cached", "dynamic"), ("reference", "dynamic"), ("cached", "static"))
     ]
     assert len(runs[0].output_ids) == 12
@@ -98,7 +98,7 @@ def test_static_cache_gives_the_same_seg_states(model, tokenizer):
     schedule = force_at({2: seg, 4: seg, 5: tokenizer.eos_token_id})
     dynamic, static = (
         generate(model, embeds, seg_token_id=seg, eos_token_id=tokenizer.eos_token_id, max_new_tokens=8,
-                 cache_implementation=cache, logits_processor=schedule)
+                 decoder=KVDecoder(model, cache_implementation=cache), logits_processor=schedule)
         for cache in ("dynamic", "static")
     )
     assert dynamic.output_ids == static.output_ids

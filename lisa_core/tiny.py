@@ -4,12 +4,16 @@ The model is UNTRAINED: its answers are arbitrary token strings and it rarely em
 real architecture (Llama, CLIP with 256 patch tokens, SAM, [SEG] projection) at toy sizes, so every
 code path (checkpoints, generation, SAM decoding, the ROS node) runs on a CPU in well under a second.
 `training/` turns it into a model that actually segments.
+
+With `answer="Sure, [SEG]."` the weights are edited so that the model always gives that answer (see
+`script_answer`): a deterministic stand-in for tests and demos that need [SEG] and masks. Its masks
+still come from random SAM weights, so they are arbitrary shapes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -82,13 +86,44 @@ def build_tiny_model(tokenizer, seed: int = 0) -> LisaModel:
     return model.eval()
 
 
-def save_tiny_checkpoint(path: Union[str, Path], seed: int = 0, extra_corpus: Iterable[str] = ()) -> Path:
+@torch.no_grad()
+def script_answer(model: LisaModel, tokenizer, answer: str) -> None:
+    """Edit `model` in place so that greedy decoding answers `answer` (then EOS) to every prompt.
+
+    The attention and MLP outputs of every layer are zeroed, so the final hidden state at a position
+    is the normalised embedding of the token there; each lm_head row of a token that must follow token
+    t then gets a large component along t's state. The answer's tokens must all differ (a token cannot
+    have two successors). The [SEG] state is therefore fixed; SAM still sees each image.
+    """
+    from lisa_core.prompt import build_prompt, tokenize_with_image
+
+    prompt_ids = tokenize_with_image(tokenizer, build_prompt("any question"), model.config.num_image_tokens)
+    sequence = [prompt_ids[-1]] + tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    currents = sequence[:-1]
+    if len(set(currents)) != len(currents):
+        raise ValueError(f"answer {answer!r} repeats a token; a scripted answer needs distinct tokens")
+    body = model.language_model.model
+    for layer in body.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    lm_head = model.language_model.lm_head.weight
+    for current, following in zip(currents, sequence[1:]):
+        state = body.norm(body.embed_tokens.weight[current])
+        lm_head[following] += 50.0 * state / state.norm() ** 2
+
+
+def save_tiny_checkpoint(
+    path: Union[str, Path], seed: int = 0, extra_corpus: Iterable[str] = (), answer: Optional[str] = None
+) -> Path:
     """Write an untrained tiny LISA in our format (config, model.safetensors, tokenizer) to `path`.
 
     `extra_corpus`: more text for the tokenizer to learn, e.g. the queries of a training set.
+    `answer`: make the model always give this answer (script_answer), e.g. "Sure, [SEG].".
     """
     from lisa_core.checkpoint import save_pretrained
 
     tokenizer = build_tiny_tokenizer(extra_corpus)
     model = build_tiny_model(tokenizer, seed=seed)
+    if answer is not None:
+        script_answer(model, tokenizer, answer)
     return save_pretrained(model, tokenizer, path)

@@ -172,3 +172,15 @@ def test_bf16_runs_on_cpu(checkpoint):
     result = pipeline.segment(image(20, 24), "Segment the cup.")
     assert len(result.targets) == 1 and result.targets[0].mask.shape == (20, 24)
     assert result.targets[0].prompt_embedding.dtype == torch.float32
+
+
+def test_scripted_tiny_model_answers_with_seg(tmp_path):
+    path = save_tiny_checkpoint(tmp_path / "scripted", answer="Sure, it is [SEG].")
+    pipeline = LisaPipeline.from_pretrained(path)
+    for query in ("Can you segment the cup?", "Where can I sit down? Please output segmentation mask."):
+        result = pipeline.segment(image(24, 36, seed=3), query)
+        assert result.answer == "Sure, it is [SEG]."
+        assert result.output_ids[-1] == pipeline.eos_token_id
+        assert len(result.targets) == 1 and result.targets[0].mask.shape == (24, 36)
+    with pytest.raises(ValueError, match="repeats a token"):
+        save_tiny_checkpoint(tmp_path / "bad", answer="[SEG] and [SEG]")

@@ -6,10 +6,10 @@ through SAM's encoder once; `conversation_image` says which image each sequence 
 
 A conversation's tokens are the llava_v1 prompt (lisa_core.prompt.build_prompt, the image placeholder
 expanded by lisa_core.prompt.tokenize_with_image) followed, for each turn, by the answer tokens and
-EOS. The first turn is tokenised exactly as lisa_core tokenises a query at inference; later turns
-("USER: ... ASSISTANT:") and the answers are tokenised piece by piece and appended, so the label
-boundaries are exact. Labels are IGNORE_INDEX everywhere except the answers and their EOS, which is
-what the model must learn to write.
+EOS. Every prompt part is tokenised exactly as lisa_core tokenises the query (with the earlier turns as
+history) at inference, so training sees what inference feeds; the answers are tokenised on their own,
+as the model writes them. Labels are IGNORE_INDEX everywhere except the answers and their EOS, which
+is what the model must learn to write.
 
 Ground-truth masks stay at the image's original resolution, as float {0, 1} (`mask == 1`: label 255,
 ReasonSeg's "ignore", counts as background in the loss, as in the official readers). They are grouped
@@ -105,11 +105,12 @@ class LisaCollator:
         kept = 0
         for question, answer in turns:
             prompt_text = build_prompt(question, history, **self.template_tokens)
-            if kept == 0:
-                prompt_ids = tokenize_with_image(
-                    self.tokenizer, prompt_text, self.config.num_image_tokens, self.config.image_token
-                )
-            else:
+            full_ids = tokenize_with_image(
+                self.tokenizer, prompt_text, self.config.num_image_tokens, self.config.image_token
+            )
+            if full_ids[: len(input_ids)] == input_ids:
+                prompt_ids = full_ids[len(input_ids):]
+            else:  # the tokenizer merged across the previous answer's end: tokenise the new part alone
                 prompt_ids = self._text_ids(prompt_text[len(previous_text):])
             answer_ids = self._text_ids(answer.strip()) + [self.tokenizer.eos_token_id]
             if len(input_ids) + len(prompt_ids) + len(answer_ids) > self.max_length:

@@ -13,17 +13,21 @@ Module names follow the official checkpoints one to one, under a fixed prefix ma
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Optional
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
-from transformers import CLIPVisionModel, LlamaForCausalLM
+from transformers import CLIPVisionModel, LlamaForCausalLM, LlamaModel
 from transformers.cache_utils import Cache
 
 from lisa_core.config import LisaConfig, SamConfig
 from lisa_core.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+# transformers renamed LlamaModel.forward's `past_key_values` to `cache` (5.2x); accept either.
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 # input_ids value marking the positions that receive the projected CLIP features (as in LLaVA).
 IMAGE_PLACEHOLDER_ID = -200
@@ -152,8 +156,8 @@ class LisaModel(nn.Module):
         """Last-layer hidden states after the final norm (B, L, hidden); fills `cache` when given."""
         outputs = self.language_model.model(
             inputs_embeds=inputs_embeds,
-            cache=cache,
             use_cache=cache is not None,
+            **{_CACHE_ARGUMENT: cache},
             position_ids=position_ids,
             attention_mask=attention_mask,
         )

@@ -319,6 +319,9 @@ class Trainer:
             collate_fn=self.collator,
             num_workers=self.config.num_workers,
             persistent_workers=self.config.num_workers > 0,
+            # Its own generator: creating the iterator must not draw from the global RNG, or a resumed
+            # run would see different dropout than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
         return iter(loader)
 

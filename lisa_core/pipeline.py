@@ -130,6 +130,7 @@ class LisaPipeline:
         compile_decoder: bool = False,
         compile_sam_encoder: bool = False,
         overlap_sam_encoder: bool = False,
+        preprocess_on_device: bool = False,
     ) -> None:
         """`logits_processor` edits next-token logits before the argmax (constrained decoding, tests).
 
@@ -137,7 +138,9 @@ class LisaPipeline:
         - cache_implementation="static" with compile_decoder=True: decoding steps as CUDA graphs;
         - compile_sam_encoder: torch.compile the SAM image encoder (fixed 1024x1024 input);
         - overlap_sam_encoder: on a GPU, run the SAM encoder on its own CUDA stream while CLIP,
-          prefill and decoding run, and wait for it only when the masks are decoded.
+          prefill and decoding run, and wait for it only when the masks are decoded;
+        - preprocess_on_device: resize frames with torch on the model's device instead of PIL on the
+          CPU (within one grey level of PIL; the default PIL path is bit-exact with the official code).
         """
         if generation_mode not in GENERATION_MODES:
             raise ConfigurationError(f"generation_mode must be one of {GENERATION_MODES}, got {generation_mode!r}")
@@ -169,6 +172,7 @@ class LisaPipeline:
         self._frame_cache_size = frame_cache_size
         self._history: list[Turn] = []
         self._lock = threading.RLock()
+        self._resize_backend = "torch" if preprocess_on_device else "pil"
         encode_sam = self.model.sam_image_embeddings
         self._encode_sam = torch.compile(encode_sam) if compile_sam_encoder else encode_sam
         self._sam_stream = (
@@ -302,7 +306,9 @@ class LisaPipeline:
             stopwatch.lap("sam_encoder")
         clip_features = None
         if need_clip:
-            clip_pixels = clip_preprocess(image, size=self.config.vision_tower.image_size, device=self.device)
+            clip_pixels = clip_preprocess(
+                image, size=self.config.vision_tower.image_size, device=self.device, resize_backend=self._resize_backend
+            )
             clip_features = self.model.encode_clip(clip_pixels.unsqueeze(0))
             stopwatch.lap("clip")
         frame = FrameFeatures(image_size, resized_size, clip_features, sam_embeddings, sam_ready)
@@ -315,14 +321,19 @@ class LisaPipeline:
 
     def _run_sam_encoder(self, image: np.ndarray):
         """(resized (h, w), embeddings, ready event or None); on the side stream when overlapping."""
+
+        def encode():
+            pixels, resized_size = sam_preprocess(
+                image, size=self.config.sam.image_size, device=self.device, resize_backend=self._resize_backend
+            )
+            return resized_size, self._encode_sam(pixels.unsqueeze(0))
+
         if self._sam_stream is None:
-            pixels, resized_size = sam_preprocess(image, size=self.config.sam.image_size, device=self.device)
-            return resized_size, self._encode_sam(pixels.unsqueeze(0)), None
+            return (*encode(), None)
         main_stream = torch.cuda.current_stream(self.device)
         self._sam_stream.wait_stream(main_stream)
         with torch.cuda.stream(self._sam_stream):
-            pixels, resized_size = sam_preprocess(image, size=self.config.sam.image_size, device=self.device)
-            embeddings = self._encode_sam(pixels.unsqueeze(0))
+            resized_size, embeddings = encode()
             ready = torch.cuda.Event()
             ready.record(self._sam_stream)
         embeddings.record_stream(main_stream)  # used on the main stream: keep its memory until then

@@ -73,23 +73,52 @@ def clip_resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return size, int(size * width / height)
 
 
+RESIZE_BACKENDS = ("pil", "torch")
+
+
+def _resize_on_device(image_rgb: np.ndarray, new_hw: tuple[int, int], mode: str, device: Device) -> torch.Tensor:
+    """float32 (3, h, w) with 0-255 integer values: PIL's antialiased resize, done by torch on `device`.
+
+    Same filter as PIL in float arithmetic: on average within a grey level of PIL's result; single
+    pixels differ by more where PIL's rounding to 8 bits between its two passes matters (bicubic
+    overshoot on noisy or very thin images). On a GPU this takes the resize of a large frame off the CPU.
+    """
+    pixels = torch.from_numpy(image_rgb).to(device).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+    resized = F.interpolate(pixels, new_hw, mode=mode, align_corners=False, antialias=True)
+    return resized[0].clamp_(0, 255).round_()
+
+
+def _check_backend(resize_backend: str) -> None:
+    if resize_backend not in RESIZE_BACKENDS:
+        raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
+
+
 def clip_preprocess(
     image_rgb: np.ndarray,
     size: int = 224,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     device: Device = None,
+    resize_backend: str = "pil",
 ) -> torch.Tensor:
-    """CLIP pixel values, float32 (3, size, size), for an RGB uint8 image."""
+    """CLIP pixel values, float32 (3, size, size), for an RGB uint8 image.
+
+    resize_backend="pil" is bit-exact with the reference; "torch" resizes on `device` (faster on a GPU).
+    """
+    _check_backend(resize_backend)
     image_rgb = prepare_image(image_rgb)
     new_h, new_w = clip_resized_shape(image_rgb.shape[0], image_rgb.shape[1], size)
-    resized = np.asarray(Image.fromarray(image_rgb).resize((new_w, new_h), resample=Image.BICUBIC))
     top = (new_h - size) // 2
     left = (new_w - size) // 2
-    cropped = resized[top : top + size, left : left + size]
-    # Rescale in float64 then store float32, as the reference processor does.
-    pixels = torch.from_numpy(cropped.astype(np.float64) * (1.0 / 255.0)).to(torch.float32)
-    pixels = pixels.permute(2, 0, 1).to(device)
+    if resize_backend == "torch":
+        resized = _resize_on_device(image_rgb, (new_h, new_w), "bicubic", device)
+        pixels = resized[:, top : top + size, left : left + size] * (1.0 / 255.0)
+    else:
+        resized = np.asarray(Image.fromarray(image_rgb).resize((new_w, new_h), resample=Image.BICUBIC))
+        cropped = resized[top : top + size, left : left + size]
+        # Rescale in float64 then store float32, as the reference processor does.
+        pixels = torch.from_numpy(cropped.astype(np.float64) * (1.0 / 255.0)).to(torch.float32)
+        pixels = pixels.permute(2, 0, 1).to(device)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     return ((pixels - mean_t) / std_t).contiguous()
@@ -111,12 +140,20 @@ def sam_preprocess(
     mean: Sequence[float] = SAM_PIXEL_MEAN,
     std: Sequence[float] = SAM_PIXEL_STD,
     device: Device = None,
+    resize_backend: str = "pil",
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """SAM encoder input, float32 (3, size, size), and the resized (h, w) before padding."""
+    """SAM encoder input, float32 (3, size, size), and the resized (h, w) before padding.
+
+    resize_backend="pil" is bit-exact with segment-anything; "torch" resizes on `device`.
+    """
+    _check_backend(resize_backend)
     image_rgb = prepare_image(image_rgb)
     new_h, new_w = sam_resized_shape(image_rgb.shape[0], image_rgb.shape[1], size)
-    resized = np.array(Image.fromarray(image_rgb).resize((new_w, new_h), resample=Image.BILINEAR))
-    pixels = torch.from_numpy(resized).to(device).permute(2, 0, 1).to(torch.float32)
+    if resize_backend == "torch":
+        pixels = _resize_on_device(image_rgb, (new_h, new_w), "bilinear", device)
+    else:
+        resized = np.array(Image.fromarray(image_rgb).resize((new_w, new_h), resample=Image.BILINEAR))
+        pixels = torch.from_numpy(resized).to(device).permute(2, 0, 1).to(torch.float32)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     pixels = (pixels - mean_t) / std_t
@@ -151,6 +188,7 @@ def postprocess_masks(
 
 
 __all__ = [
+    "RESIZE_BACKENDS",
     "CLIP_MEAN",
     "CLIP_STD",
     "SAM_PIXEL_MEAN",

@@ -295,3 +295,25 @@ def test_images_above_8192_pixels_per_side_are_accepted():
     pixels, resized_hw = sam_preprocess(tall)
     assert resized_hw == (1024, 5) and pixels.shape == (3, 1024, 1024)
     assert clip_preprocess(tall).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("shape", [(720, 1280, 3), (480, 640, 3), (37, 1001, 3), (1000, 3, 3)])
+def test_torch_resize_backend_is_close_to_pil(shape):
+    image = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    clip_level = 1.0 / 255.0 / min(CLIP_STD)
+    sam_level = 1.0 / min(SAM_PIXEL_STD)
+    clip_pil, clip_torch = (clip_preprocess(image, resize_backend=backend) for backend in ("pil", "torch"))
+    (sam_pil, size_pil), (sam_torch, size_torch) = (
+        sam_preprocess(image, resize_backend=backend) for backend in ("pil", "torch")
+    )
+    assert size_pil == size_torch
+    assert (sam_pil - sam_torch).abs().max() <= sam_level * 1.01
+    assert (clip_pil - clip_torch).abs().mean() <= clip_level * 0.6
+    # PIL rounds to 8 bits between its horizontal and vertical passes; torch does not.
+    assert (clip_pil - clip_torch).abs().max() <= clip_level * 24
+
+
+def test_unknown_resize_backend_is_refused():
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="resize_backend"):
+        sam_preprocess(image, resize_backend="opencv")

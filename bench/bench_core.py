@@ -10,6 +10,7 @@ machine and library versions, to bench/results_core.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -28,6 +29,7 @@ from lisa_core.tiny import save_tiny_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results_core.md"
 QUERY = "What object on the table could I use to hold water? Please output segmentation mask."
+MODES = ("reference", "cached")
 STAGES = ("clip", "sam_encoder", "prefill", "decode", "mask_decoder", "postprocess", "total")
 
 
@@ -48,18 +50,30 @@ def machine_line() -> str:
     import transformers
 
     threads = torch.get_num_threads()
+    load = os.getloadavg()[0]
     return (
-        f"{platform.node()} {platform.machine()} {platform.processor() or ''}, {threads} torch threads; "
+        f"{platform.machine()}, {os.cpu_count()} cores, {threads} torch threads, load average {load:.1f} at start; "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
     )
 
 
-def measure(pipeline: LisaPipeline, image: np.ndarray, repeats: int) -> dict[str, float]:
-    """Median seconds per stage; every run recomputes CLIP and SAM (no frame_key)."""
-    pipeline.segment(image, QUERY)  # warm-up
-    runs = [pipeline.segment(image, QUERY) for _ in range(repeats)]
-    assert all(run.output_ids == runs[0].output_ids for run in runs)
-    return {stage: statistics.median(run.timings.get(stage, 0.0) for run in runs) for stage in STAGES}
+def measure(pipeline: LisaPipeline, image: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds per stage and mode; the modes alternate run by run so machine load hits both alike.
+
+    Every run recomputes CLIP and SAM (no frame_key)."""
+    runs: dict[str, list] = {mode: [] for mode in MODES}
+    for repeat in range(repeats + 1):
+        for mode in MODES:
+            pipeline.generation_mode = mode
+            result = pipeline.segment(image, QUERY)
+            if repeat > 0:  # the first round is the warm-up
+                runs[mode].append(result)
+    for mode_runs in runs.values():
+        assert all(run.output_ids == runs["cached"][0].output_ids for run in mode_runs)
+    return {
+        mode: {stage: statistics.median(run.timings.get(stage, 0.0) for run in mode_runs) for stage in STAGES}
+        for mode, mode_runs in runs.items()
+    }
 
 
 def main() -> None:
@@ -67,14 +81,13 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=("tiny",))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--no-write", action="store_true", help="print only, do not append to results_core.md")
     args = parser.parse_args()
 
     image = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-    results = {}
     with tempfile.TemporaryDirectory() as folder:
         save_tiny_checkpoint(Path(folder) / "tiny")
         start = time.perf_counter()
@@ -82,9 +95,7 @@ def main() -> None:
         load_seconds = time.perf_counter() - start
         pipeline.max_new_tokens = args.new_tokens
         pipeline.logits_processor = seg_at_the_end(pipeline.seg_token_id, pipeline.eos_token_id, args.new_tokens)
-        for mode in ("reference", "cached"):
-            pipeline.generation_mode = mode
-            results[mode] = measure(pipeline, image, args.repeats)
+        results = measure(pipeline, image, args.repeats)
 
     per_token = {mode: results[mode]["decode"] / (args.new_tokens - 1) for mode in results}
     lines = [

@@ -100,3 +100,23 @@ def test_embed_prompt_places_image_features_and_checks_their_count():
         torch.testing.assert_close(embeds[0, 0], model.embed_tokens(torch.tensor(1)))
         with pytest.raises(ValueError, match="image placeholders"):
             model.embed_prompt(input_ids, torch.randn(1, 3, hidden))
+
+
+@pytest.mark.parametrize(
+    "release, config",
+    [("LISA-7B-v1", LisaConfig.lisa_7b()), ("LISA-13B-llama2-v1", LisaConfig.lisa_13b())],
+)
+def test_every_released_key_loads_through_the_official_loader(release, config):
+    """The loader's own name mapping and checks, fed every released key with meta tensors (no memory)."""
+    from lisa_core.checkpoint import _empty_model, _StateLoader
+    from lisa_core.errors import CheckpointError
+
+    loader = _StateLoader(_empty_model(config), torch.device("meta"), torch.bfloat16)
+    source = Path(release)
+    for key, shape in official_keys()["models"][release].items():
+        loader.load(official_to_internal(key), torch.empty(shape, device="meta"), source, key)
+    loader.check_complete(source, skip_prefixes=("vision_tower.",))
+    with pytest.raises(CheckpointError, match="missing key.*vision_tower"):
+        loader.check_complete(source)  # CLIP comes from its own folder
+    with pytest.raises(CheckpointError, match="shape"):
+        loader.load("mm_projector.weight", torch.empty(3, 3, device="meta"), source, "model.mm_projector.weight")

@@ -126,10 +126,11 @@ def _empty_model(config: LisaConfig) -> LisaModel:
 class _StateLoader:
     """Fills a parameter-less LisaModel tensor by tensor, checking names and shapes."""
 
-    def __init__(self, model: LisaModel, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, model: LisaModel, device: torch.device, dtype: torch.dtype, official_names: bool) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.official_names = official_names  # how errors name missing keys
         self.expected = dict(model.state_dict(keep_vars=True))
         self.loaded: set[str] = set()
 
@@ -145,9 +146,7 @@ class _StateLoader:
         module = self.model.get_submodule(module_name)
         if attribute in module._parameters:
             dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-            module._parameters[attribute] = nn.Parameter(
-                tensor.to(device=self.device, dtype=dtype), requires_grad=False
-            )
+            module._parameters[attribute] = nn.Parameter(tensor.to(device=self.device, dtype=dtype))
         else:  # a persistent buffer, e.g. SAM's positional-encoding matrix: keep its own precision
             module._buffers[attribute] = tensor.to(device=self.device, dtype=target.dtype)
         self.loaded.add(name)
@@ -157,7 +156,8 @@ class _StateLoader:
             name for name in self.expected if name not in self.loaded and not name.startswith(skip_prefixes)
         ]
         if missing:
-            shown = ", ".join(repr(internal_to_official(name)) for name in missing[:5])
+            rename = internal_to_official if self.official_names else str
+            shown = ", ".join(repr(rename(name)) for name in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise CheckpointError(f"{source}: missing key(s) {shown}{more}")
 
@@ -220,7 +220,7 @@ def from_pretrained(
 def _load_ours(directory: Path, device: torch.device, dtype: torch.dtype):
     config = LisaConfig.from_dict(_read_json(directory / OUR_CONFIG))
     weights_path = directory / OUR_WEIGHTS
-    loader = _StateLoader(_empty_model(config), device, dtype)
+    loader = _StateLoader(_empty_model(config), device, dtype, official_names=False)
     for name, tensor in _load_tensor_file(weights_path).items():
         loader.load(name, tensor, weights_path, name)
     loader.check_complete(weights_path)
@@ -315,7 +315,7 @@ def _load_official(directory: Path, device: torch.device, dtype: torch.dtype, vi
         raise CheckpointError(f"{clip_dir}: not a CLIP model folder ({error})") from error
     config = lisa_config_from_official(official, clip_config, config_path)
 
-    loader = _StateLoader(_empty_model(config), device, dtype)
+    loader = _StateLoader(_empty_model(config), device, dtype, official_names=True)
     vision_tower_in_checkpoint = False
     for weight_path in _weight_files(directory):
         for key, tensor in _load_tensor_file(weight_path).items():

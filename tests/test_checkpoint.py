@@ -139,7 +139,7 @@ def test_malicious_pickle_is_refused(official, tmp_path):
     assert not victim.exists()
     # the same payload in a plain pickle .bin (no zip container)
     with open(shard, "wb") as handle:
-        pickle.dump({"x": _CreatesFile(str(victim))}, handle)
+        pickle.dump({"x": _CreatesFile(str(victim))}, handle, protocol=2)
     with pytest.raises(CheckpointError, match=shard.name):
         from_pretrained(bad)
     assert not victim.exists()
@@ -239,3 +239,25 @@ def test_tokenizer_without_seg_is_refused(tiny, tmp_path):
     (bad / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     with pytest.raises(CheckpointError, match=r"no \[SEG\] token"):
         from_pretrained(bad)
+
+
+def test_our_format_errors_name_file_and_key(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    bad = _copy(tiny[0], tmp_path / "bad")
+    weights = load_file(str(bad / "model.safetensors"))
+    weights.pop("text_hidden_fcs.0.2.bias")
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.safetensors.*missing key.*'text_hidden_fcs.0.2.bias'"):
+        from_pretrained(bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="model.safetensors.*not a readable safetensors"):
+        from_pretrained(bad)
+
+
+def test_loaded_weights_are_trainable_parameters(tiny):
+    """Training builds on from_pretrained: nothing comes back frozen or as a plain tensor."""
+    _, model, _ = tiny
+    parameters = dict(model.named_parameters())
+    assert "visual_model.mask_decoder.iou_token.weight" in parameters
+    assert all(p.requires_grad for p in parameters.values())

@@ -111,7 +111,7 @@ def test_every_released_key_loads_through_the_official_loader(release, config):
     from lisa_core.checkpoint import _empty_model, _StateLoader
     from lisa_core.errors import CheckpointError
 
-    loader = _StateLoader(_empty_model(config), torch.device("meta"), torch.bfloat16)
+    loader = _StateLoader(_empty_model(config), torch.device("meta"), torch.bfloat16, official_names=True)
     source = Path(release)
     for key, shape in official_keys()["models"][release].items():
         loader.load(official_to_internal(key), torch.empty(shape, device="meta"), source, key)

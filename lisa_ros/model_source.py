@@ -8,6 +8,7 @@ reports on it says so.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from typing import Optional
 UNTRAINED_TINY_LABEL = "untrained tiny preset (random weights: answers and masks are meaningless)"
 TRAINED_DEMO_LABEL = "trained demo model (models/demo)"
 TINY_PRESET_SEED = 0
+MODEL_CONFIG_FILES = ("lisa_config.json", "config.json")  # our format, the official layout
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,13 @@ def demo_model_dirs() -> list[Path]:
         return candidates
     try:
         candidates.append(Path(get_package_share_directory("lisa_ros")) / "models" / "demo")
-    except PackageNotFoundError:
+    except (PackageNotFoundError, OSError):  # not installed, or no ROS environment at all
         pass
     return candidates
+
+
+def is_model_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in MODEL_CONFIG_FILES)
 
 
 def resolve_model(model_path: str, cache_dir: Optional[Path] = None) -> ModelSource:
@@ -51,10 +57,21 @@ def resolve_model(model_path: str, cache_dir: Optional[Path] = None) -> ModelSou
         path = Path(model_path).expanduser()
         return ModelSource(path, f"model at {path}")
     for candidate in demo_model_dirs():
-        if (candidate / "config.json").is_file():
+        if is_model_dir(candidate):
             return ModelSource(candidate, TRAINED_DEMO_LABEL)
-    tiny = (cache_dir or default_cache_dir()) / f"tiny-untrained-seed{TINY_PRESET_SEED}"
-    return ModelSource(tiny, UNTRAINED_TINY_LABEL, needs_writing=not (tiny / "config.json").is_file())
+    tiny = (cache_dir or default_cache_dir()) / f"tiny-untrained-seed{TINY_PRESET_SEED}-{_tiny_code_version()}"
+    return ModelSource(tiny, UNTRAINED_TINY_LABEL, needs_writing=not is_model_dir(tiny))
+
+
+def _tiny_code_version() -> str:
+    """A digest of the code that writes the tiny preset, so a cached copy from other code is not used."""
+    import lisa_core.config
+    import lisa_core.tiny
+
+    digest = hashlib.sha256()
+    for module in (lisa_core.tiny, lisa_core.config):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def write_tiny_preset(path: Path) -> None:
@@ -67,7 +84,7 @@ def write_tiny_preset(path: Path) -> None:
     try:
         os.rename(staging / "model", path)
     except OSError:
-        if not (path / "config.json").is_file():
+        if not is_model_dir(path):
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import sys
 import threading
 import time
-import unicodedata
 from collections import deque
 from typing import Optional
 
@@ -57,8 +57,6 @@ NODE_NAME = "lisa_perception"
 COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 DEPTH_BUFFER_LENGTH = 30  # recent depth images kept for pairing with frames by stamp
 SHUTDOWN_WORKER_WAIT_S = 1.0
-# Control characters other than tab and newline are replaced by spaces in instructions.
-_KEPT_CONTROLS = {"\t", "\n"}
 
 
 def _stamp_ns(header: Header) -> int:
@@ -69,18 +67,6 @@ def _main_target(targets: list[Target]) -> Optional[Target]:
     """The target with the highest confidence among non-empty ones (the first on a tie)."""
     candidates = [t for t in targets if t.area > 0]
     return max(candidates, key=lambda t: t.confidence) if candidates else None
-
-
-def clean_query(text: str, max_chars: int) -> str:
-    """The instruction as the model gets it, or InputError naming what is wrong with it."""
-    if len(text) > max_chars:
-        raise InputError(f"bad query: {len(text)} characters, more than max_query_chars ({max_chars})")
-    cleaned = "".join(" " if unicodedata.category(c) == "Cc" and c not in _KEPT_CONTROLS else c
-                      for c in text).strip()
-    if not cleaned:
-        raise InputError("bad query: the instruction is empty" + (" (only whitespace or control characters)"
-                                                                  if text else ""))
-    return cleaned
 
 
 class PerceptionNode(Node):
@@ -173,7 +159,8 @@ class PerceptionNode(Node):
     def _worker_settings(p: dict) -> WorkerSettings:
         return WorkerSettings(queue_size=p["queue_size"], overflow_policy=p["overflow_policy"],
                               max_image_age=p["max_image_age"], max_new_tokens=p["max_new_tokens"],
-                              min_confidence=p["min_confidence"], tracking=p["tracking"],
+                              max_query_chars=p["max_query_chars"], min_confidence=p["min_confidence"],
+                              tracking=p["tracking"],
                               track_rate_hz=p["track_rate_hz"])
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
@@ -192,7 +179,12 @@ class PerceptionNode(Node):
 
     # ---- the model ------------------------------------------------------------------------------------
     def _load_pipeline(self):
+        import torch
+
         from lisa_core.pipeline import LisaPipeline
+
+        if self.get_parameter("cpu_threads").value > 0:
+            torch.set_num_threads(self.get_parameter("cpu_threads").value)
 
         if self._model.needs_writing:
             self.get_logger().warning(f"writing the {self._model.label} to {self._model.path}")
@@ -248,14 +240,7 @@ class PerceptionNode(Node):
         self._publish_status("tracking stopped")
 
     def _submit(self, query: Query) -> None:
-        """Queues a query, or gives it its 'bad query' outcome at once."""
         self._count("queries")
-        try:
-            query.text = clean_query(query.text, self.get_parameter("max_query_chars").value)
-        except InputError as error:
-            self._count("bad_queries")
-            self._publish_outcome(Outcome(query, None, None, str(error), time.monotonic() - query.received))
-            return
         self._worker.submit(query)
 
     def _on_segment(self, request: Segment.Request, response: Segment.Response) -> Segment.Response:
@@ -318,7 +303,8 @@ class PerceptionNode(Node):
                                        f"{outcome.result.answer!r} ({len(outcome.result.targets)} targets)")
             self._publish_status("tracked" if outcome.tracked else "result", outcome.query.id)
         else:
-            self._count("dropped" if outcome.error.startswith("dropped") else "errors")
+            self._count("dropped" if outcome.error.startswith("dropped") else
+                        "bad_queries" if outcome.error.startswith("bad query:") else "errors")
             with self._lock:
                 self._last_error = f"{outcome.query.id}: {outcome.error}"
             self.get_logger().warning(f"{outcome.query.id} ({outcome.query.text[:80]!r}) failed: {outcome.error}")
@@ -429,8 +415,8 @@ class PerceptionNode(Node):
 
     # ---- shutdown -------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stops the worker (queued queries get a 'shutting down' error); inference in progress is
-        abandoned after SHUTDOWN_WORKER_WAIT_S."""
+        """Stops the worker (queued queries get a 'shutting down' error); inference still running
+        after SHUTDOWN_WORKER_WAIT_S is abandoned."""
         self._closing = True
         if not self._worker.stop(SHUTDOWN_WORKER_WAIT_S):
             self.get_logger().warning("inference still running at shutdown: abandoned")
@@ -438,7 +424,8 @@ class PerceptionNode(Node):
 
 
 def main(args=None) -> int:
-    """Runs the node until SIGINT or SIGTERM; exit code 0, or 2 when a parameter is unusable."""
+    """Runs the node until SIGINT or SIGTERM, then exits the process with code 0; returns 2 when a
+    parameter is unusable."""
     stop = threading.Event()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     for signal_number in (signal.SIGINT, signal.SIGTERM):
@@ -460,7 +447,11 @@ def main(args=None) -> int:
     executor.shutdown(timeout_sec=0.5)
     node.destroy_node()
     rclpy.try_shutdown()
-    return 0
+    # Everything is closed. The interpreter's own teardown of torch and transformers takes seconds,
+    # and aborts when an abandoned inference is still inside torch: leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ PARAMETERS = (
                   choices=PRECISIONS),
     ParameterSpec("quantization", "none", "Load the language model in 8 or 4 bit (bitsandbytes, GPU).",
                   read_only=True, choices=QUANTIZATIONS),
+    ParameterSpec("cpu_threads", 0, "Torch CPU threads for the model; 0: torch's default. Small models "
+                  "on a busy machine run faster with 1.", read_only=True, limits=(0, 256)),
     # Topics and service: fixed once subscribed.
     ParameterSpec("image_topic", "camera/image_raw", "Camera frames (rgb8, bgr8, rgba8, bgra8, mono8).",
                   read_only=True),

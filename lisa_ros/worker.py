@@ -12,6 +12,7 @@ import dataclasses
 import threading
 import time
 import traceback
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -21,6 +22,20 @@ from lisa_core.errors import InputError
 from lisa_core.result import SegmentationResult
 
 OVERFLOW_POLICIES = ("drop_oldest", "reject_new")
+# Control characters other than tab and newline become spaces in instructions.
+_KEPT_CONTROLS = {"\t", "\n"}
+
+
+def clean_query(text: str, max_chars: int) -> str:
+    """The instruction as the model gets it, or InputError naming what is wrong with it."""
+    if len(text) > max_chars:
+        raise InputError(f"bad query: {len(text)} characters, more than max_query_chars ({max_chars})")
+    cleaned = "".join(" " if unicodedata.category(c) == "Cc" and c not in _KEPT_CONTROLS else c
+                      for c in text).strip()
+    if not cleaned:
+        raise InputError("bad query: the instruction is empty" + (" (only whitespace or control characters)"
+                                                                  if text else ""))
+    return cleaned
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,7 @@ class WorkerSettings:
     overflow_policy: str = "drop_oldest"
     max_image_age: float = 1.0  # seconds; 0 accepts frames of any age
     max_new_tokens: int = 0  # 0 = the model's default
+    max_query_chars: int = 2000
     min_confidence: float = 0.0  # targets with a lower SAM IoU prediction are left out
     tracking: bool = False
     track_rate_hz: float = 10.0
@@ -81,8 +97,9 @@ class WorkerSettings:
             raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
         if self.overflow_policy not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow_policy must be one of {OVERFLOW_POLICIES}, got {self.overflow_policy!r}")
-        if self.max_image_age < 0 or self.max_new_tokens < 0 or self.track_rate_hz <= 0:
-            raise ValueError("max_image_age and max_new_tokens must be >= 0 and track_rate_hz > 0")
+        if self.max_image_age < 0 or self.max_new_tokens < 0 or self.track_rate_hz <= 0 or self.max_query_chars < 1:
+            raise ValueError("max_image_age and max_new_tokens must be >= 0, track_rate_hz > 0 and "
+                             "max_query_chars >= 1")
 
 
 @dataclass
@@ -169,7 +186,13 @@ class InferenceWorker:
         return tracking.query.id if tracking is not None else None
 
     def submit(self, query: Query) -> None:
-        """Queues a query; a new query also ends tracking. On overflow one query gets its error now."""
+        """Queues a query (its text cleaned); a new query also ends tracking. A bad query, or one
+        dropped on overflow, gets its error outcome now, in this thread."""
+        try:
+            query.text = clean_query(query.text, self._settings.max_query_chars)
+        except InputError as error:
+            self._deliver(self._error(query, None, str(error)))
+            return
         dropped: Optional[Outcome] = None
         with self._condition:
             size, policy = self._settings.queue_size, self._settings.overflow_policy

@@ -1,0 +1,252 @@
+"""The perception node as a real process, a camera as another, over real DDS; this test is the user.
+
+One node process serves the whole module (model load and DDS discovery are the slow parts); the tests
+run in file order: the query before any frame comes first, SIGTERM last.
+"""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from node_support import CAMERA_CODE, FRAME_ID, scene, write_segmenting_model
+from ros_support import child_env, reserved_domain_id, start_python, stop_process
+
+MAX_NEW_TOKENS = 2  # the test model answers '[SEG][SEG]': two targets
+
+
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory):
+    """A ROS domain, environment and log folder for the module; rclpy in this process on it."""
+    import rclpy
+    from rclpy.context import Context
+
+    tmp = tmp_path_factory.mktemp("node")
+    log_dir = tmp / "ros_log"
+    log_dir.mkdir()
+    with pytest.MonkeyPatch.context() as patch, reserved_domain_id() as domain_id:
+        patch.setenv("ROS_LOG_DIR", str(log_dir))
+        patch.setenv("ROS_DOMAIN_ID", str(domain_id))
+        context = Context()
+        rclpy.init(context=context, domain_id=domain_id)
+        try:
+            yield dict(tmp=tmp, env=child_env(domain_id, log_dir), context=context)
+        finally:
+            context.try_shutdown()
+
+
+@pytest.fixture(scope="module")
+def node(ros):
+    from lisa_ros.process import node_command, start_node
+
+    model = write_segmenting_model(ros["tmp"] / "segmenting_model")
+    parameters = {"model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS, "track_rate_hz": 30.0,
+                  "max_image_age": 2.0, "status_rate_hz": 2.0, "cpu_threads": 1}
+    command = node_command([parameters], ros["tmp"])
+    process = start_node(command, ros["env"], ros["tmp"] / "node.log")
+    yield dict(process=process, log=ros["tmp"] / "node.log")
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(ros, node):
+    from lisa_ros.client import PerceptionClient
+
+    client = PerceptionClient(ros["context"], name="test_user", camera=False, subscribe_overlay=True)
+    status = client.wait_for_node(timeout_s=60)
+    assert status["model_loaded"], (status, node["log"].read_text())
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def camera(ros, client):
+    stamps_file = ros["tmp"] / "camera_stamps.jsonl"
+    stamps_file.touch()
+    process = start_python(CAMERA_CODE, ros["env"], ros["tmp"] / "camera.log",
+                           args=("--rate", "10", "--stamps-file", str(stamps_file)))
+
+    def stamps():
+        return [json.loads(line) for line in stamps_file.read_text().splitlines() if line]
+    assert client.wait_for(lambda: len(stamps()) >= 3, 30), (ros["tmp"] / "camera.log").read_text()
+    yield stamps
+    stop_process(process)
+
+
+def _stamp(header):
+    return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+
+
+def _mask(image_msg):
+    from lisa_ros.image_conv import imgmsg_to_cv2
+
+    return imgmsg_to_cv2(image_msg) > 0
+
+
+def test_query_before_any_frame_gets_the_no_frame_error(client):
+    result = client.query("Where is the red box?")
+    assert not result.success and result.error.startswith("no frame yet"), result.error
+    assert result.query_id.startswith("q-") and not result.targets
+    assert client.wait_for(lambda: any(s["event"] == "error" and s["query_id"] == result.query_id
+                                       and result.error in s["last_error"] for s in client.statuses), 5)
+
+
+def test_instruction_yields_mask_centroid_answer_and_result_on_the_frame_used(client, camera):
+    result = client.query("Where is the red box?")
+    assert result.success, result.error
+    assert result.answer == "[SEG]" * MAX_NEW_TOKENS and len(result.targets) == MAX_NEW_TOKENS
+    assert _stamp(result.header) in camera() and result.header.frame_id == FRAME_ID
+    assert client.wait_for(lambda: any(_stamp(m.header) == _stamp(result.header) for m in client.masks)
+                           and result.answer in client.explanations
+                           and any(_stamp(c.header) == _stamp(result.header) for c in client.centroids), 5)
+    mask_msg = next(m for m in client.masks if _stamp(m.header) == _stamp(result.header))
+    assert (mask_msg.encoding, mask_msg.width, mask_msg.height) == ("mono8", 160, 120)
+    union = _mask(mask_msg)
+    assert set(np.unique(np.frombuffer(bytes(mask_msg.data), np.uint8))) <= {0, 255}
+    main = max(result.targets, key=lambda t: t.confidence)
+    main_mask = _mask(main.mask)
+    assert 0 < main.area_px == main_mask.sum() and (union >= main_mask).all()
+    centroid = next(c for c in client.centroids if _stamp(c.header) == _stamp(result.header))
+    column, row = int(round(centroid.point.x)), int(round(centroid.point.y))
+    rows, columns = np.nonzero(main_mask)
+    assert (centroid.point.x, centroid.point.y) == pytest.approx((columns.mean(), rows.mean()))
+    assert main_mask[row, column] or np.hypot(rows - row, columns - column).min() <= 1.0, \
+        "the centroid must lie on the target"
+    assert main.box.width == columns.max() - columns.min() + 1 and main.box.x_offset == columns.min()
+    assert 0 < result.latency_s < 30
+    overlay = client.wait_for(lambda: any(_stamp(o.header) == _stamp(result.header) for o in client.overlays), 5)
+    assert overlay, "an overlay of the frame is published while someone subscribes"
+
+
+def test_depth_and_camera_info_give_the_hand_computed_3d_point(client, camera):
+    result = client.query("What should I pick up?")
+    assert result.success, result.error
+    main = max(result.targets, key=lambda t: t.confidence)
+    # Depth is 1500 mm wherever it is valid; K = fx 100, fy 110, cx 80, cy 60.
+    u, v, z = main.centroid_px.x, main.centroid_px.y, 1.5
+    expected = ((u - 80.0) * z / 100.0, (v - 60.0) * z / 110.0, z)
+    assert main.centroid_3d_valid
+    assert (main.centroid_3d.x, main.centroid_3d.y, main.centroid_3d.z) == pytest.approx(expected, abs=1e-5)
+    assert client.wait_for(lambda: any(_stamp(p.header) == _stamp(result.header) for p in client.target_points), 5)
+    point = next(p for p in client.target_points if _stamp(p.header) == _stamp(result.header))
+    assert point.header.frame_id == FRAME_ID
+    assert (point.point.x, point.point.y, point.point.z) == pytest.approx(expected, abs=1e-5)
+
+
+def test_service_returns_what_the_topics_publish(client, camera):
+    from lisa_ros.srv import Segment
+
+    response = client.segment(Segment.Request(query="Where is the red box?", query_id="planner-7"))
+    assert response.success and response.query_id == "planner-7"
+    assert client.wait_for(lambda: any(r.query_id == "planner-7" for r in client.results), 5)
+    published = next(r for r in client.results if r.query_id == "planner-7")
+    assert (response.answer, _stamp(response.header), len(response.targets)) == \
+           (published.answer, _stamp(published.header), len(published.targets))
+    for mine, theirs in zip(response.targets, published.targets):
+        assert (_mask(mine.mask) == _mask(theirs.mask)).all() and mine.confidence == theirs.confidence
+
+    # With its own image: answered on that image, whatever the camera shows.
+    from lisa_ros.image_conv import cv2_to_imgmsg
+    from std_msgs.msg import Header
+
+    image = scene(5, height=90, width=100)
+    header = Header(frame_id="request_frame")
+    header.stamp.sec = 42
+    response = client.segment(Segment.Request(query="the box", use_image=True,
+                                              image=cv2_to_imgmsg(image, "rgb8", header)))
+    assert response.success, response.error
+    assert response.header.frame_id == "request_frame" and response.header.stamp.sec == 42
+    assert (response.targets[0].mask.height, response.targets[0].mask.width) == (90, 100)
+    assert response.query_id.startswith("q-")
+
+
+def _set_parameter(client, name, value):
+    """Sets one parameter of the node through its parameter service; the SetParametersResult."""
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    kind, field = {int: (ParameterType.PARAMETER_INTEGER, "integer_value"),
+                   str: (ParameterType.PARAMETER_STRING, "string_value"),
+                   bool: (ParameterType.PARAMETER_BOOL, "bool_value")}[type(value)]
+    service = client.node.create_client(SetParameters, "/lisa_perception/set_parameters")
+    try:
+        assert service.wait_for_service(timeout_sec=10)
+        parameter = Parameter(name=name, value=ParameterValue(type=kind, **{field: value}))
+        future = service.call_async(SetParameters.Request(parameters=[parameter]))
+        assert client.wait_for(future.done, 10)
+        return future.result().results[0]
+    finally:
+        client.node.destroy_client(service)
+
+
+def test_runtime_parameters_are_checked(client):
+    assert not _set_parameter(client, "queue_size", 0).successful
+    refused = _set_parameter(client, "overflow_policy", "drop_everything")
+    assert not refused.successful and "drop_oldest" in refused.reason
+    assert not _set_parameter(client, "model_path", "/elsewhere").successful, "read-only at run time"
+    assert _set_parameter(client, "overflow_policy", "reject_new").successful
+    assert _set_parameter(client, "overflow_policy", "drop_oldest").successful
+
+
+def test_tracking_publishes_one_mask_per_new_frame_until_stop(client, camera):
+    assert _set_parameter(client, "tracking", True).successful
+    result = client.query("Track the red box")
+    assert result.success, result.error
+    time.sleep(2.0)
+    client.stop_tracking()
+    time.sleep(0.5)
+    with client.lock:
+        tracked = [r for r in client.results if r.tracked and r.query_id == result.query_id]
+        masks = {_stamp(m.header) for m in client.masks}
+    frames = camera()
+    stamps = [_stamp(r.header) for r in tracked]
+    assert stamps == sorted(set(stamps)), "one tracked result per frame, in order"
+    assert all(s > _stamp(result.header) and s in frames for s in stamps)
+    assert set(stamps) <= masks, "each tracked result comes with its mask"
+    during = [s for s in frames if _stamp(result.header) < s <= stamps[-1]]
+    # Frames arrive every 100 ms and a tracking step takes ~10 ms: all but a few (a busy test machine)
+    # get their mask.
+    assert len(stamps) >= 0.8 * len(during) and len(stamps) >= 10, (len(stamps), len(during))
+    assert all(len(r.targets) == MAX_NEW_TOKENS and r.targets[0].area_px > 0 for r in tracked)
+    time.sleep(0.5)
+    with client.lock:
+        after_stop = [r for r in client.results if r.tracked and r.query_id == result.query_id]
+    assert len(after_stop) == len(tracked), "stop ends tracking"
+    assert _set_parameter(client, "tracking", False).successful
+
+
+def test_bad_image_is_reported_and_the_node_keeps_serving(ros, client, camera):
+    from lisa_ros.client import PerceptionClient
+    from lisa_ros.image_conv import cv2_to_imgmsg
+
+    bad_camera = PerceptionClient(ros["context"], name="bad_camera")
+    try:
+        assert bad_camera.wait_for(lambda: bad_camera.image_pub.get_subscription_count() > 0, 10)
+        message = cv2_to_imgmsg(scene(0), "rgb8")
+        message.step = 100  # shorter than a row of 160 rgb8 pixels
+
+        def reported():
+            bad_camera.image_pub.publish(message)  # again until seen: best effort may lose the first
+            return any("bad image" in (s["last_error"] or "") and "step 100" in s["last_error"]
+                       for s in client.statuses)
+        assert client.wait_for(reported, 10, poll_s=0.2)
+    finally:
+        bad_camera.close()
+    assert client.query("Where is the red box?").success
+
+
+def test_sigterm_ends_the_node_cleanly_within_2_s(node, client):
+    process = node["process"]
+    assert process.poll() is None, node["log"].read_text()
+    started = time.monotonic()
+    os.kill(process.pid, signal.SIGTERM)
+    process.wait(10)
+    assert time.monotonic() - started < 2.0
+    log = node["log"].read_text()
+    assert process.returncode == 0, log
+    assert "Traceback" not in log

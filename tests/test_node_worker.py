@@ -1,0 +1,236 @@
+"""The inference worker on its own (no ROS): queue bounds and policies, frame pairing, errors, tracking.
+
+The model is the real tiny pipeline (edited to always segment, see node_support). Where a test needs
+the model busy or failing on demand, a subclass holds it at a gate or raises for one query.
+"""
+
+import threading
+import time
+
+import pytest
+
+from lisa_core.errors import InputError
+from lisa_core.pipeline import LisaPipeline
+from lisa_ros.worker import Frame, InferenceWorker, Query, WorkerSettings, clean_query
+from node_support import scene, write_segmenting_model
+
+
+class GatedPipeline(LisaPipeline):
+    """Waits at `gate` before each segment, and raises for the query text 'explode'."""
+
+    gate: threading.Event
+    entered: threading.Event
+
+    def segment(self, image, query, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(30), "test gate never opened"
+        if query == "explode":
+            raise RuntimeError("simulated fault inside the model")
+        return super().segment(image, query, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_segmenting_model(tmp_path_factory.mktemp("worker") / "model")
+
+
+@pytest.fixture(scope="module")
+def loaded_pipeline(model_dir):
+    return GatedPipeline.from_pretrained(model_dir, max_new_tokens=1)
+
+
+@pytest.fixture
+def pipeline(loaded_pipeline):
+    loaded_pipeline.gate, loaded_pipeline.entered = threading.Event(), threading.Event()
+    loaded_pipeline.gate.set()
+    yield loaded_pipeline
+    loaded_pipeline.gate.set()
+
+
+class Harness:
+    def __init__(self, load, **settings):
+        settings.setdefault("max_image_age", 0.0)  # a slow first run must not make frames 'too old'
+        self.outcomes, self.states, self.errors = [], [], []
+        self.lock = threading.Lock()
+        self.worker = InferenceWorker(load, self._outcome, self.states.append, WorkerSettings(**settings),
+                                      "/camera/image_raw", self.errors.append)
+        self.frame_keys = iter(range(1, 10_000))
+        self.worker.start()
+
+    def _outcome(self, outcome):
+        with self.lock:
+            self.outcomes.append(outcome)
+
+    def frame(self, index=0, received=None):
+        frame = Frame(scene(index), header=f"frame-{index}", received=received or time.monotonic(),
+                      key=next(self.frame_keys))
+        self.worker.submit_frame(frame)
+        return frame
+
+    def query(self, query_id, text="where is the box?"):
+        self.worker.submit(Query(query_id, text, time.monotonic()))
+
+    def wait(self, condition, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out; outcomes: {self.by_id()}"
+            time.sleep(0.01)
+
+    def by_id(self):
+        with self.lock:
+            return {o.query.id: o for o in self.outcomes if not o.tracked}
+
+    def wait_for_ids(self, *ids):
+        self.wait(lambda: set(ids) <= set(self.by_id()))
+        return [self.by_id()[i] for i in ids]
+
+
+def test_query_is_answered_on_the_newest_frame(pipeline):
+    harness = Harness(lambda: pipeline)
+    harness.frame(0)
+    newest = harness.frame(1)
+    harness.query("q-1")
+    (outcome,) = harness.wait_for_ids("q-1")
+    assert outcome.success and outcome.frame is newest and outcome.frame.header == "frame-1"
+    assert outcome.result.answer == "[SEG]" and outcome.result.targets[0].area > 0
+    assert len(harness.states) == 1 and harness.states[0].startswith("model loaded in")
+    assert harness.worker.stop(2.0)
+
+
+def test_no_frame_and_too_old_frame_are_errors_that_name_why(pipeline):
+    harness = Harness(lambda: pipeline, max_image_age=0.5)
+    harness.query("q-1")
+    (no_frame,) = harness.wait_for_ids("q-1")
+    assert no_frame.error == "no frame yet: no image received on /camera/image_raw"
+    harness.frame(0, received=time.monotonic() - 3.0)
+    harness.query("q-2")
+    (too_old,) = harness.wait_for_ids("q-2")
+    assert too_old.error.startswith("frame too old") and "max_image_age 0.5 s" in too_old.error
+    harness.worker.update_settings(max_image_age=0.0)
+    harness.query("q-3")
+    assert harness.wait_for_ids("q-3")[0].success, "max_image_age 0 accepts any age"
+    harness.worker.stop(2.0)
+
+
+@pytest.mark.parametrize("policy, dropped, answered", [
+    ("drop_oldest", ["q-2", "q-3"], ["q-1", "q-4", "q-5"]),
+    ("reject_new", ["q-4", "q-5"], ["q-1", "q-2", "q-3"]),
+])
+def test_full_queue_drops_by_policy_and_every_query_gets_one_outcome(pipeline, policy, dropped, answered):
+    harness = Harness(lambda: pipeline, queue_size=2, overflow_policy=policy)
+    harness.frame(0)
+    pipeline.gate.clear()
+    harness.query("q-1")
+    assert pipeline.entered.wait(30)  # q-1 is inside the model; the queue holds 2 more
+    for index in range(2, 6):
+        harness.query(f"q-{index}")
+    assert harness.worker.queue_length == 2
+    drops = harness.wait_for_ids(*dropped)
+    for outcome in drops:
+        assert outcome.error.startswith("dropped: queue full") and outcome.query.id in outcome.error
+        assert policy in outcome.error
+    pipeline.gate.set()
+    outcomes = harness.wait_for_ids(*answered)
+    assert all(o.success for o in outcomes)
+    time.sleep(0.2)
+    with harness.lock:
+        ids = [o.query.id for o in harness.outcomes]
+    assert sorted(ids) == [f"q-{i}" for i in range(1, 6)], "exactly one outcome per query"
+    harness.worker.stop(2.0)
+
+
+def test_model_error_fails_that_query_only(pipeline):
+    harness = Harness(lambda: pipeline)
+    harness.frame(0)
+    harness.query("q-1", "explode")
+    harness.query("q-2")
+    failed, fine = harness.wait_for_ids("q-1", "q-2")
+    assert failed.error == "model error: RuntimeError: simulated fault inside the model"
+    assert any("simulated fault" in line for line in harness.errors), "the traceback goes to the log"
+    assert fine.success
+    harness.worker.stop(2.0)
+
+
+def test_bad_input_from_the_model_is_named(pipeline):
+    harness = Harness(lambda: pipeline)
+    harness.worker.submit_frame(Frame(scene(0)[:, :, :2], "two-channel", time.monotonic(), 1))
+    harness.query("q-1")
+    (outcome,) = harness.wait_for_ids("q-1")
+    assert outcome.error.startswith("bad query or image:")
+    harness.worker.stop(2.0)
+
+
+def test_model_that_fails_to_load_still_answers_every_query(tmp_path):
+    def load():
+        return LisaPipeline.from_pretrained(tmp_path / "missing")
+    harness = Harness(load)
+    harness.query("q-1")
+    (outcome,) = harness.wait_for_ids("q-1")
+    assert outcome.error.startswith("model not loaded: CheckpointError") and "missing" in outcome.error
+    assert harness.states == ["model failed to load"] and not harness.worker.model_loaded
+    harness.worker.stop(2.0)
+
+
+def test_tracking_follows_new_frames_until_stopped_or_a_new_query(pipeline):
+    harness = Harness(lambda: pipeline, tracking=True, track_rate_hz=100.0)
+    harness.frame(0)
+    harness.query("q-1")
+    (answer,) = harness.wait_for_ids("q-1")
+    assert harness.worker.tracking_query_id == "q-1"
+    for index in range(1, 4):
+        frame = harness.frame(index)
+        harness.wait(lambda: any(o.tracked and o.frame is frame for o in list(harness.outcomes)))
+    with harness.lock:
+        tracked = [o for o in harness.outcomes if o.tracked]
+    assert [o.frame.header for o in tracked] == ["frame-1", "frame-2", "frame-3"]
+    assert all(o.query.id == "q-1" and o.result.answer == answer.result.answer and o.result.targets[0].area > 0
+               for o in tracked)
+    assert harness.worker.stop_tracking() == "q-1"
+    harness.frame(4)
+    time.sleep(0.3)
+    assert len([o for o in harness.outcomes if o.tracked]) == 3, "no tracking after stop"
+    harness.query("q-2")
+    harness.wait_for_ids("q-2")
+    harness.query("q-3")  # ends q-2's tracking at once
+    assert harness.worker.tracking_query_id is None
+    harness.worker.stop(2.0)
+
+
+def test_stop_gives_waiting_queries_an_error(pipeline):
+    harness = Harness(lambda: pipeline)
+    harness.frame(0)
+    pipeline.gate.clear()
+    harness.query("q-1")
+    assert pipeline.entered.wait(30)
+    harness.query("q-2")
+    assert not harness.worker.stop(0.2), "q-1 is still inside the model"
+    (waiting,) = harness.wait_for_ids("q-2")
+    assert waiting.error == "node shutting down: query not answered"
+    pipeline.gate.set()
+    assert harness.worker.stop(30), "the abandoned inference ends by itself"
+    assert harness.by_id()["q-1"].success
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="queue_size"):
+        WorkerSettings(queue_size=0)
+    with pytest.raises(ValueError, match="overflow_policy"):
+        WorkerSettings(overflow_policy="drop_all")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("  where is the cup?\n", "where is the cup?"),
+    ("cut\x00 this\x1b paper", "cut  this  paper"),
+    ("line one\nline two\tend", "line one\nline two\tend"),
+])
+def test_queries_are_cleaned(text, expected):
+    assert clean_query(text, 100) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty"), (" \t\n", "only whitespace"), ("\x00\x01", "control characters"),
+    ("x" * 101, "101 characters, more than max_query_chars (100)"),
+])
+def test_bad_queries_are_refused_with_the_reason(text, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        clean_query(text, 100)

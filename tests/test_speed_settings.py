@@ -1,0 +1,94 @@
+"""The pipeline's speed settings give the same answers as the plain path.
+
+On the CPU: the static KV cache and on-device resizing. On a GPU (skipped without one): the same, plus
+the compiled decoding step (CUDA graphs), the compiled SAM encoder and the SAM encoder on its own
+CUDA stream. The tiny model answers with [SEG] forced at chosen steps.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from lisa_core.pipeline import LisaPipeline
+from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+QUERIES = ("Can you segment the cup in this image?", "Which object can hold water? Please output segmentation mask.")
+
+
+def force_seg(seg_id: int, eos_id: int):
+    def processor(generated_ids, logits):
+        step = len(generated_ids)
+        if step in (1, 4) or step == 6:
+            logits = logits.clone()
+            logits[seg_id if step != 6 else eos_id] += 1e4
+        return logits
+
+    return processor
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tokenizer = build_tiny_tokenizer()
+    return build_tiny_model(tokenizer, seed=2), tokenizer
+
+
+def frames():
+    rng = np.random.default_rng(5)
+    return [rng.integers(0, 256, (72, 128, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def answers(model, tokenizer, device, **settings):
+    pipeline = LisaPipeline(model.to(device), tokenizer, max_new_tokens=10, **settings)
+    pipeline.logits_processor = force_seg(pipeline.seg_token_id, pipeline.eos_token_id)
+    results = [pipeline.segment(frame, query) for frame in frames() for query in QUERIES]
+    tracked = pipeline.track(frames()[1], [results[0].targets[0].prompt_embedding])
+    return results, tracked
+
+
+def assert_same(results_a, results_b, min_mask_agreement=1.0):
+    for a, b in zip(results_a, results_b):
+        assert a.output_ids == b.output_ids
+        assert len(a.targets) == len(b.targets) == 2
+        for target_a, target_b in zip(a.targets, b.targets):
+            torch.testing.assert_close(target_a.prompt_embedding, target_b.prompt_embedding, atol=1e-4, rtol=1e-4)
+            assert (target_a.mask == target_b.mask).mean() >= min_mask_agreement
+
+
+def test_static_cache_matches_dynamic_on_cpu(parts):
+    model, tokenizer = parts
+    plain, plain_tracked = answers(model, tokenizer, "cpu")
+    static, static_tracked = answers(model, tokenizer, "cpu", cache_implementation="static")
+    assert_same(plain, static)
+    assert np.array_equal(plain_tracked[0].mask, static_tracked[0].mask)
+
+
+def test_on_device_resizing_is_close_on_cpu(parts):
+    model, tokenizer = parts
+    plain, _ = answers(model, tokenizer, "cpu")
+    resized, _ = answers(model, tokenizer, "cpu", preprocess_on_device=True)
+    for a, b in zip(plain, resized):
+        assert a.output_ids == b.output_ids
+        for target_a, target_b in zip(a.targets, b.targets):
+            assert (target_a.mask == target_b.mask).mean() >= 0.95
+
+
+@needs_cuda
+def test_overlapped_sam_encoder_matches_plain_cuda(parts):
+    model, tokenizer = parts
+    plain, plain_tracked = answers(model, tokenizer, "cuda")
+    overlapped, overlapped_tracked = answers(model, tokenizer, "cuda", overlap_sam_encoder=True)
+    assert_same(plain, overlapped)
+    assert np.array_equal(plain_tracked[0].mask, overlapped_tracked[0].mask)
+
+
+@needs_cuda
+def test_compiled_paths_match_plain_cuda(parts):
+    model, tokenizer = parts
+    plain, plain_tracked = answers(model, tokenizer, "cuda")
+    fast, fast_tracked = answers(
+        model, tokenizer, "cuda", cache_implementation="static", compile_decoder=True, compile_sam_encoder=True,
+        overlap_sam_encoder=True,
+    )
+    assert_same(plain, fast, min_mask_agreement=0.99)
+    assert (plain_tracked[0].mask == fast_tracked[0].mask).mean() >= 0.99

@@ -10,6 +10,12 @@ Our format: `lisa_config.json` (LisaConfig), `model.safetensors` (every weight, 
 our module names), tokenizer files.
 
 `.bin` files are read with `torch.load(weights_only=True)`: a pickle that would run code is refused.
+
+Tokenisation as LISA was trained: the released models were trained and run with transformers 4.31,
+whose slow Llama tokenizer dropped the whitespace on both sides of tokens added with `add_tokens`
+(<im_patch>, <im_start>, <im_end>, [SEG]): "USER: <im_start>" gave "USER:" + <im_start>, and
+"<im_end>\nquery" gave <im_end> + "query". Newer transformers keep that whitespace unless the added
+token says otherwise, so the official loader marks those tokens lstrip/rstrip (`strip_around_tokens`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ OFFICIAL_MODEL_TYPES = ("llava", "llava_llama", "lisa")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SEG_TOKEN = "[SEG]"
+LISA_ADDED_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", SEG_TOKEN)
 CLIP_VISION_BODY = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 
 PathLike = Union[str, Path]
@@ -177,6 +184,22 @@ def _load_tokenizer(directory: Path, config: LisaConfig):
             f"({config.language_model.vocab_size})"
         )
     return tokenizer
+
+
+def strip_around_tokens(tokenizer, tokens: tuple[str, ...] = LISA_ADDED_TOKENS) -> None:
+    """Make `tokenizer` drop whitespace on both sides of `tokens` (those it has), ids unchanged."""
+    from tokenizers import AddedToken
+
+    present = {index: token for index, token in tokenizer.added_tokens_decoder.items() if token.content in tokens}
+    tokenizer.add_tokens(
+        [
+            AddedToken(token.content, lstrip=True, rstrip=True, normalized=False, special=token.special)
+            for token in present.values()
+        ]
+    )
+    for index, token in present.items():
+        if tokenizer.convert_tokens_to_ids(token.content) != index:
+            raise CheckpointError(f"re-registering {token.content} changed its id")
 
 
 def seg_token_id(tokenizer, seg_token: str = SEG_TOKEN) -> int:
@@ -329,7 +352,9 @@ def _load_official(directory: Path, device: torch.device, dtype: torch.dtype, vi
     loader.check_complete(directory, skip_prefixes=() if vision_tower_in_checkpoint else ("vision_tower.",))
     if not vision_tower_in_checkpoint:
         _load_clip(loader, clip_dir)
-    return loader.finish(), _load_tokenizer(directory, config)
+    tokenizer = _load_tokenizer(directory, config)
+    strip_around_tokens(tokenizer)
+    return loader.finish(), tokenizer
 
 
 def _load_clip(loader: _StateLoader, clip_dir: Path) -> None:

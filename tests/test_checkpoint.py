@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lisa_core.checkpoint import from_pretrained, save_official_layout, save_pretrained
+from lisa_core.checkpoint import from_pretrained, save_official_layout, save_pretrained, strip_around_tokens
 from lisa_core.errors import CheckpointError
 from lisa_core.pipeline import LisaPipeline
 from lisa_core.tiny import save_tiny_checkpoint
@@ -16,8 +16,11 @@ from lisa_core.tiny import save_tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """A tiny model whose tokenizer already strips whitespace around LISA's tokens, as official ones do."""
     path = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=3)
     model, tokenizer = from_pretrained(path)
+    strip_around_tokens(tokenizer)
+    save_pretrained(model, tokenizer, path)
     return path, model, tokenizer
 
 
@@ -76,6 +79,15 @@ def test_official_layout_loads_with_the_same_outputs(official, tiny):
     for a, b in zip(results[0].targets, results[1].targets):
         assert np.array_equal(a.mask, b.mask)
         torch.testing.assert_close(a.prompt_embedding, b.prompt_embedding, atol=1e-6, rtol=0)
+
+
+def test_official_tokenizer_drops_whitespace_around_lisa_tokens(official, tmp_path):
+    """As transformers 4.31's slow Llama tokenizer did for tokens added with add_tokens."""
+    _, tokenizer = from_pretrained(official[0])
+    spaced = tokenizer("USER: <im_start> <im_end>\nCan you segment it? ASSISTANT: Sure, [SEG] .").input_ids
+    tight = tokenizer("USER:<im_start><im_end>Can you segment it? ASSISTANT: Sure,[SEG].").input_ids
+    assert spaced == tight
+    assert tokenizer("a </s> b").input_ids != tokenizer("a</s>b").input_ids  # other special tokens keep it
 
 
 def test_official_safetensors_shards_load(tiny, tmp_path):

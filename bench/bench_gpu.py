@@ -59,6 +59,10 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, tokenizer
             model = LisaModel(config)
     finally:
         torch.set_default_dtype(default_dtype)
+    for module in model.modules():  # buffers stay float32, as lisa_core's checkpoint loader leaves them
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module.register_buffer(name, buffer.float(), persistent=name not in module._non_persistent_buffers_set)
     return model.eval()
 
 

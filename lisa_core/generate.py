@@ -215,3 +215,80 @@ def _stack(states: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     if states:
         return torch.stack(states)
     return like.new_zeros((0, like.shape[-1]))
+
+
+@torch.no_grad()
+def generate_batch(
+    model: LisaModel,
+    prompts_embeds: list[torch.Tensor],
+    *,
+    seg_token_id: int,
+    eos_token_id: int,
+    max_new_tokens: int,
+    logits_processor: Optional[LogitsProcessor] = None,
+) -> list[GenerationOutput]:
+    """Greedy KV-cached decoding of several prompts together, one (1, L_i, hidden) tensor each.
+
+    The prompts are left-padded into one batch with an attention mask and per-row positions, so each
+    row computes what it would alone (up to float rounding); a row that has finished keeps being fed
+    EOS, masked out of nothing and ignored. Each output's timings are the whole batch's.
+    """
+    if not prompts_embeds:
+        return []
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    first = prompts_embeds[0]
+    device = first.device
+    batch = len(prompts_embeds)
+    longest = max(embeds.shape[1] for embeds in prompts_embeds)
+    inputs_embeds = first.new_zeros((batch, longest, first.shape[-1]))
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long, device=device)
+    for row, embeds in enumerate(prompts_embeds):
+        if embeds.dim() != 3 or embeds.shape[0] != 1:
+            raise ValueError(f"each prompt must be (1, L, hidden), got {tuple(embeds.shape)}")
+        inputs_embeds[row, longest - embeds.shape[1]:] = embeds[0]
+        attention_mask[row, longest - embeds.shape[1]:] = 1
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.language_model.config)
+
+    start = time.perf_counter()
+    hidden = model.language_forward(
+        inputs_embeds, cache=cache, position_ids=positions, attention_mask=attention_mask
+    )[:, -1]
+    logits = model.lm_logits(hidden)
+    output_ids: list[list[int]] = [[] for _ in range(batch)]
+    seg_states: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    next_tokens = [_next_token(logits[row], output_ids[row], logits_processor) for row in range(batch)]
+    _synchronize(device)
+    prefill_done = time.perf_counter()
+
+    next_positions = positions[:, -1:] + 1
+    while True:
+        for row, token in enumerate(next_tokens):
+            if finished[row]:
+                continue
+            output_ids[row].append(token)
+            if token == seg_token_id:
+                seg_states[row].append(hidden[row].clone())
+            finished[row] = token == eos_token_id or len(output_ids[row]) == max_new_tokens
+        if all(finished):
+            break
+        step_ids = torch.tensor([[eos_token_id if done else token] for token, done in zip(next_tokens, finished)],
+                                device=device)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
+        hidden = model.language_forward(
+            model.embed_tokens(step_ids), cache=cache, position_ids=next_positions, attention_mask=attention_mask
+        )[:, -1]
+        next_positions = next_positions + 1
+        logits = model.lm_logits(hidden)
+        next_tokens = [
+            eos_token_id if finished[row] else _next_token(logits[row], output_ids[row], logits_processor)
+            for row in range(batch)
+        ]
+    _synchronize(device)
+    timings = {"prefill": prefill_done - start, "decode": time.perf_counter() - prefill_done}
+    return [
+        GenerationOutput(output_ids=ids, seg_hidden_states=_stack(states, first), timings=dict(timings))
+        for ids, states in zip(output_ids, seg_states)
+    ]

@@ -21,7 +21,15 @@ from torch import nn
 from lisa_core.checkpoint import from_pretrained as load_checkpoint
 from lisa_core.checkpoint import seg_token_id
 from lisa_core.errors import ConfigurationError, InputError
-from lisa_core.generate import CACHE_IMPLEMENTATIONS, GENERATION_MODES, KVDecoder, LogitsProcessor, generate
+from lisa_core.generate import (
+    CACHE_IMPLEMENTATIONS,
+    GENERATION_MODES,
+    GenerationOutput,
+    KVDecoder,
+    LogitsProcessor,
+    generate,
+    generate_batch,
+)
 from lisa_core.model import LisaModel
 from lisa_core.preprocess import clip_preprocess, postprocess_masks, prepare_image, sam_preprocess
 from lisa_core.prompt import PromptBuilder, Turn
@@ -242,18 +250,23 @@ class LisaPipeline:
         frame_key: Optional[Hashable] = None,
         max_new_tokens: Optional[int] = None,
     ) -> list[SegmentationResult]:
-        """Several standalone queries on one image; CLIP and the SAM encoder run once for all."""
+        """Several standalone queries on one image; CLIP and the SAM encoder run once for all.
+
+        With the cached dynamic-cache decoder the queries also share the LLM: one left-padded batch
+        (same tokens as one at a time, [SEG] states equal up to float rounding); otherwise one by one.
+        """
         if isinstance(queries, str):
             raise InputError("segment_batch takes a list of queries, got a single string")
         with self._lock:
             image = prepare_image(image)
+            stopwatch = _Stopwatch(self.device)
+            frame = self._frame_features(image, frame_key, stopwatch, need_clip=True)
+            if self._batches_queries() and len(queries) > 1:
+                return self._answer_batch(frame, queries, stopwatch, max_new_tokens)
             results = []
-            frame = None
             for query in queries:
-                stopwatch = _Stopwatch(self.device)
-                if frame is None:
-                    frame = self._frame_features(image, frame_key, stopwatch, need_clip=True)
                 results.append(self._answer(frame, query, stopwatch, max_new_tokens, keep_history=False))
+                stopwatch = _Stopwatch(self.device)
             return results
 
     def track(
@@ -339,6 +352,22 @@ class LisaPipeline:
         embeddings.record_stream(main_stream)  # used on the main stream: keep its memory until then
         return resized_size, embeddings, ready
 
+    def _batches_queries(self) -> bool:
+        """Several queries go through the LLM as one batch unless decoding is static-cache (batch 1)."""
+        return self.generation_mode == "cached" and self.decoder.cache_implementation == "dynamic"
+
+    def _max_new_tokens(self, max_new_tokens: Optional[int]) -> int:
+        max_new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        return max_new_tokens
+
+    def _prompt_embeds(
+        self, frame: FrameFeatures, query: str, history: Sequence[Turn], max_new_tokens: int
+    ) -> torch.Tensor:
+        input_ids = self.prompt_builder(query, history, max_new_tokens)
+        return self.model.embed_prompt(torch.tensor([input_ids], device=self.device), frame.clip_features)
+
     @torch.no_grad()
     def _answer(
         self,
@@ -348,16 +377,11 @@ class LisaPipeline:
         max_new_tokens: Optional[int],
         keep_history: bool,
     ) -> SegmentationResult:
-        max_new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        max_new_tokens = self._max_new_tokens(max_new_tokens)
         history = self._history if keep_history else ()
-        input_ids = self.prompt_builder(query, history, max_new_tokens)
-        ids = torch.tensor([input_ids], device=self.device)
-        inputs_embeds = self.model.embed_prompt(ids, frame.clip_features)
         output = generate(
             self.model,
-            inputs_embeds,
+            self._prompt_embeds(frame, query, history, max_new_tokens),
             seg_token_id=self.seg_token_id,
             eos_token_id=self.eos_token_id,
             max_new_tokens=max_new_tokens,
@@ -366,6 +390,33 @@ class LisaPipeline:
             logits_processor=self.logits_processor,
         )
         stopwatch.add(output.timings)
+        return self._result(frame, query, output, stopwatch, keep_history)
+
+    @torch.no_grad()
+    def _answer_batch(
+        self, frame: FrameFeatures, queries: Sequence[str], stopwatch: _Stopwatch, max_new_tokens: Optional[int]
+    ) -> list[SegmentationResult]:
+        """Standalone queries decoded together; each result reports the batch's prefill and decode."""
+        max_new_tokens = self._max_new_tokens(max_new_tokens)
+        prompts = [self._prompt_embeds(frame, query, (), max_new_tokens) for query in queries]
+        outputs = generate_batch(
+            self.model,
+            prompts,
+            seg_token_id=self.seg_token_id,
+            eos_token_id=self.eos_token_id,
+            max_new_tokens=max_new_tokens,
+            logits_processor=self.logits_processor,
+        )
+        results = []
+        for query, output in zip(queries, outputs):
+            stopwatch.add(output.timings)
+            results.append(self._result(frame, query, output, stopwatch, keep_history=False))
+            stopwatch = _Stopwatch(self.device)
+        return results
+
+    def _result(
+        self, frame: FrameFeatures, query: str, output: GenerationOutput, stopwatch: _Stopwatch, keep_history: bool
+    ) -> SegmentationResult:
         targets = []
         if output.seg_hidden_states.shape[0] > 0:
             prompts = self.model.project_seg(output.seg_hidden_states)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lisa_core.errors import InputError
-from lisa_core.generate import KVDecoder, generate
+from lisa_core.generate import KVDecoder, generate, generate_batch
 from lisa_core.model import IMAGE_PLACEHOLDER_ID
 from lisa_core.prompt import SYSTEM_PROMPT, PromptBuilder, Turn, build_prompt, tokenize_with_image
 from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
@@ -103,6 +103,39 @@ def test_static_cache_gives_the_same_seg_states(model, tokenizer):
     )
     assert dynamic.output_ids == static.output_ids
     torch.testing.assert_close(dynamic.seg_hidden_states, static.seg_hidden_states, atol=1e-5, rtol=0)
+
+
+def per_row_schedule(schedules):
+    """A processor giving row i of a batch its own forced steps.
+
+    generate_batch keeps one generated-ids list per row and asks for the rows in order, so the lists
+    seen empty at the first step, in order, are rows 0, 1, ...; a lone generate call is row 0.
+    """
+    rows: dict[int, int] = {}
+
+    def processor(generated_ids, logits):
+        row = rows.setdefault(id(generated_ids), len(rows))
+        return force_at(schedules[row])(generated_ids, logits)
+
+    return processor
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(model, tokenizer):
+    seg, eos = tokenizer.convert_tokens_to_ids("[SEG]"), tokenizer.eos_token_id
+    queries = ["Can you segment the cup?", "Where can I sit down? Please output segmentation mask.", "knife"]
+    schedules = [{1: seg, 4: eos}, {0: seg, 2: seg, 8: eos}, {}]  # rows end at steps 5, 9 and the limit 11
+    prompts = [prompt_embeds(model, tokenizer, query) for query in queries]
+    assert len({p.shape[1] for p in prompts}) == 3  # different lengths: the batch is padded
+    batch = generate_batch(model, prompts, seg_token_id=seg, eos_token_id=eos, max_new_tokens=11,
+                           logits_processor=per_row_schedule(schedules))
+    for prompt, schedule, batched in zip(prompts, schedules, batch):
+        alone = generate(model, prompt, seg_token_id=seg, eos_token_id=eos, max_new_tokens=11,
+                         logits_processor=per_row_schedule([schedule]))
+        assert batched.output_ids == alone.output_ids
+        torch.testing.assert_close(batched.seg_hidden_states, alone.seg_hidden_states, atol=1e-5, rtol=0)
+    assert [len(output.output_ids) for output in batch] == [5, 9, 11]
+    assert [output.seg_hidden_states.shape[0] for output in batch] == [1, 2, 0]
+    assert generate_batch(model, [], seg_token_id=seg, eos_token_id=eos, max_new_tokens=3) == []
 
 
 def test_generate_rejects_bad_arguments(model, tokenizer):

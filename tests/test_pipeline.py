@@ -107,6 +107,18 @@ def test_segment_batch_equals_single_calls_and_shares_the_encoders(pipe):
             torch.testing.assert_close(a.prompt_embedding, b.prompt_embedding)
 
 
+def test_segment_batch_loops_with_the_static_cache(checkpoint, pipe):
+    looped = LisaPipeline.from_pretrained(checkpoint, max_new_tokens=8, cache_implementation="static",
+                                          logits_processor=pipe.logits_processor)
+    frame = image(40, 30, seed=6)
+    queries = ["Can you segment the cup?", "Where can I sit down?"]
+    for batched, one_by_one in zip(pipe.segment_batch(frame, queries), looped.segment_batch(frame, queries)):
+        assert batched.output_ids == one_by_one.output_ids
+        for a, b in zip(batched.targets, one_by_one.targets):
+            assert np.array_equal(a.mask, b.mask)
+    assert pipe.segment_batch(frame, []) == []
+
+
 def test_frame_cache_and_tracking(pipe):
     frame = image(50, 70, seed=7)
     first = pipe.segment(frame, "Can you segment the cup?", frame_key=("camera", 1))

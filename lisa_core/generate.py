@@ -9,7 +9,8 @@ Two modes give the same tokens and [SEG] states:
   [SEG] embeddings are read from the final full pass at the positions just before each [SEG].
 
 A `KVDecoder` holds the cache: dynamic, or static (preallocated, reused across queries) with an optional
-torch.compile'd decoding step, which is what makes single-token steps fast on a GPU.
+torch.compile'd decoding step, which is what makes single-token steps fast on a GPU. `generate_batch`
+decodes several prompts (e.g. several queries on one frame) together on one dynamic cache.
 """
 
 from __future__ import annotations

@@ -107,23 +107,22 @@ class PromptBuilder:
         while len(input_ids) > budget and history:
             history.pop(0)
             input_ids = self._ids(query, history)
-        if len(input_ids) > budget:
-            query_ids = self.tokenizer(query, add_special_tokens=False).input_ids
-            keep = len(query_ids) - (len(input_ids) - budget)
-            if keep < 1:
-                raise InputError(
-                    f"the prompt without the query already takes {len(input_ids) - len(query_ids)} of "
-                    f"{budget} available tokens: lower max_new_tokens"
+        if len(input_ids) <= budget:
+            return input_ids
+        query_ids = self.tokenizer(query, add_special_tokens=False).input_ids
+        keep = len(query_ids) - (len(input_ids) - budget)
+        while keep >= 1:  # re-tokenising the decoded prefix can take a token more: step down until it fits
+            truncated = self.tokenizer.decode(query_ids[:keep], skip_special_tokens=False).strip()
+            input_ids = self._ids(truncated, history)
+            if len(input_ids) <= budget:
+                warnings.warn(
+                    f"query truncated from {len(query_ids)} to {keep} tokens to fit the {self.max_length}-token "
+                    "context window",
+                    stacklevel=3,
                 )
-            query = self.tokenizer.decode(query_ids[:keep], skip_special_tokens=False).strip()
-            warnings.warn(
-                f"query truncated from {len(query_ids)} to {keep} tokens to fit the {self.max_length}-token "
-                "context window",
-                stacklevel=3,
-            )
-            input_ids = self._ids(query, history)
-            while len(input_ids) > budget and keep > 1:  # re-tokenising the decoded text may grow it
-                keep -= 1
-                query = self.tokenizer.decode(query_ids[:keep], skip_special_tokens=False).strip()
-                input_ids = self._ids(query, history)
-        return input_ids
+                return input_ids
+            keep -= 1
+        raise InputError(
+            f"the prompt without the query already fills the {budget} tokens left after max_new_tokens: "
+            "lower max_new_tokens"
+        )

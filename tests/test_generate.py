@@ -199,3 +199,9 @@ def test_old_turns_are_dropped_before_the_query_is_cut(tokenizer):
         ids = builder("And the knife?", history, max_new_tokens=16)
     assert len(ids) <= 384
     assert tokenizer.decode([i for i in ids if i >= 0]).rstrip().endswith("And the knife? ASSISTANT:")
+
+
+def test_no_room_for_the_query_is_an_input_error(tokenizer):
+    builder = PromptBuilder(tokenizer, 256, 320)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        builder("segment the cup", max_new_tokens=100)

@@ -46,7 +46,7 @@ from lisa_core.overlay import draw_overlay
 from lisa_core.result import Target
 from lisa_ros.geometry import Intrinsics, depth_in_metres, target_point
 from lisa_ros.image_conv import cv2_to_imgmsg, imgmsg_to_cv2
-from lisa_ros.model_source import ModelSource, resolve_model, write_tiny_preset
+from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, resolve_model, write_tiny_preset
 from lisa_ros.msg import SegmentationResult as SegmentationResultMsg
 from lisa_ros.msg import Target as TargetMsg
 from lisa_ros.parameters import PARAMETERS, PARAMETERS_BY_NAME, ParameterSpec
@@ -346,7 +346,8 @@ class PerceptionNode(Node):
         if not outcome.tracked:
             self._explanation_pub.publish(String(data=result.answer))
         if self.get_parameter("publish_overlay").value and self._overlay_pub.get_subscription_count() > 0:
-            caption = f"{outcome.query.id}{' (tracked)' if outcome.tracked else ''}: {result.answer}"
+            caption = (f"{'[untrained tiny preset] ' if self._model.label == UNTRAINED_TINY_LABEL else ''}"
+                       f"{outcome.query.id}{' (tracked)' if outcome.tracked else ''}: {result.answer}")
             self._overlay_pub.publish(cv2_to_imgmsg(draw_overlay(frame.image, result.targets, caption),
                                                     "rgb8", header))
         return messages

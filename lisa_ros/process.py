@@ -18,6 +18,8 @@ from lisa_core.errors import ConfigurationError
 PACKAGE = "lisa_ros"
 EXECUTABLE = "perception_node"
 NODE_NAME = "lisa_perception"
+LARGE_FRAMES_PROFILE = "fastdds_large_frames.xml"
+PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")  # Jazzy, Humble
 
 
 def installed_executable() -> Path:
@@ -32,6 +34,24 @@ def installed_executable() -> Path:
     if not executable.is_file():
         raise ConfigurationError(f"{executable} is missing: rebuild the package")
     return executable
+
+
+def large_frames_profile() -> Path:
+    """config/fastdds_large_frames.xml of the source tree, else of the installed share folder."""
+    source = Path(__file__).resolve().parent.parent / "config" / LARGE_FRAMES_PROFILE
+    if source.is_file():
+        return source
+    from ament_index_python.packages import get_package_share_directory
+
+    return Path(get_package_share_directory(PACKAGE)) / "config" / LARGE_FRAMES_PROFILE
+
+
+def use_large_frames_profile(env: dict) -> None:
+    """Points Fast DDS at the large-frames profile in `env`, unless a profile is already chosen there.
+    Set it before rclpy.init in this process, and pass `env` to the processes started."""
+    if not any(env.get(name) for name in PROFILE_VARIABLES):
+        for name in PROFILE_VARIABLES:
+            env[name] = str(large_frames_profile())
 
 
 def node_command(parameters: Sequence[Union[str, Path, Mapping]], params_dir: Path, namespace: str = "",

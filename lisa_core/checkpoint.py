@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -61,17 +62,21 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not readable JSON ({error})") from error
 
 
-def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a weight file, read lazily (memory-mapped) so only one is held at a time."""
     if not path.is_file():
         raise CheckpointError(f"{path}: weight file not found")
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                return {key: handle.get_tensor(key) for key in handle.keys()}
+            handle = safe_open(str(path), framework="pt")
+            keys = list(handle.keys())
         except Exception as error:  # safetensors raises several types for corrupt files
             raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+        for key in keys:
+            yield key, handle.get_tensor(key)
+        return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: the pickle holds more than plain tensors (it could run code); {error}"
@@ -80,7 +85,7 @@ def _load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable PyTorch weight file ({error})") from error
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
-    return state
+    yield from state.items()
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -244,7 +249,7 @@ def _load_ours(directory: Path, device: torch.device, dtype: torch.dtype):
     config = LisaConfig.from_dict(_read_json(directory / OUR_CONFIG))
     weights_path = directory / OUR_WEIGHTS
     loader = _StateLoader(_empty_model(config), device, dtype, official_names=False)
-    for name, tensor in _load_tensor_file(weights_path).items():
+    for name, tensor in _read_tensors(weights_path):
         loader.load(name, tensor, weights_path, name)
     loader.check_complete(weights_path)
     return loader.finish(), _load_tokenizer(directory, config)
@@ -341,7 +346,7 @@ def _load_official(directory: Path, device: torch.device, dtype: torch.dtype, vi
     loader = _StateLoader(_empty_model(config), device, dtype, official_names=True)
     vision_tower_in_checkpoint = False
     for weight_path in _weight_files(directory):
-        for key, tensor in _load_tensor_file(weight_path).items():
+        for key, tensor in _read_tensors(weight_path):
             if key.endswith("rotary_emb.inv_freq"):
                 continue  # older transformers saved it; it is recomputed
             name = official_to_internal(key)
@@ -360,7 +365,7 @@ def _load_official(directory: Path, device: torch.device, dtype: torch.dtype, vi
 def _load_clip(loader: _StateLoader, clip_dir: Path) -> None:
     """CLIP vision weights from a CLIPVisionModel or a full CLIPModel folder (its text tower is skipped)."""
     for weight_path in _weight_files(clip_dir):
-        for key, tensor in _load_tensor_file(weight_path).items():
+        for key, tensor in _read_tensors(weight_path):
             if key.startswith("vision_model."):
                 name = key[len("vision_model."):]
             elif key.startswith(CLIP_VISION_BODY):  # a CLIPVisionModel saved without the prefix

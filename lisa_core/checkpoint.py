@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+from transformers import AutoTokenizer, CLIPVisionConfig
 
 from lisa_core.config import LanguageModelConfig, LisaConfig, SamConfig, VisionTowerConfig
 from lisa_core.errors import CheckpointError

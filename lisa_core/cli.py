@@ -2,7 +2,7 @@
 
 Writes, into --output (default: the current folder), for an image `photo.jpg`:
   photo_mask.png      union of all targets, 255 on target pixels
-  photo_overlay.png   the image with each target tinted in its own colour
+  photo_overlay.png   the image with each target tinted and outlined, the answer as a caption
   photo_result.json   query, answer, generated ids, per-target confidence / centroid / box / area, timings
 """
 
@@ -18,10 +18,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lisa_core.errors import LisaError
-
-OVERLAY_COLOURS = np.array(
-    [(255, 0, 0), (0, 200, 0), (0, 90, 255), (255, 200, 0), (200, 0, 255), (0, 220, 220)], dtype=np.float32
-)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -52,15 +48,6 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def overlay(image_rgb: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
-    """The image with each mask blended half-and-half with its colour."""
-    blended = image_rgb.astype(np.float32)
-    for index, mask in enumerate(masks):
-        colour = OVERLAY_COLOURS[index % len(OVERLAY_COLOURS)]
-        blended[mask] = 0.5 * blended[mask] + 0.5 * colour
-    return blended.round().astype(np.uint8)
-
-
 def result_record(result) -> dict:
     return {
         "query": result.query,
@@ -83,6 +70,7 @@ def result_record(result) -> dict:
 def run(args: argparse.Namespace) -> dict:
     import cv2
 
+    from lisa_core.overlay import draw_overlay
     from lisa_core.pipeline import LisaPipeline
 
     image = read_rgb(args.image)
@@ -101,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.image.stem
     cv2.imwrite(str(args.output / f"{stem}_mask.png"), result.union_mask.astype(np.uint8) * 255)
-    tinted = overlay(image, [target.mask for target in result.targets])
+    tinted = draw_overlay(image, result.targets, caption=result.answer)
     cv2.imwrite(str(args.output / f"{stem}_overlay.png"), cv2.cvtColor(tinted, cv2.COLOR_RGB2BGR))
     record = result_record(result)
     (args.output / f"{stem}_result.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -4,9 +4,9 @@ On a GPU: the LISA-7B architecture at full size with random weights (nothing can
 1280x720 input. Three ways of answering are measured side by side in one run:
   reference  the official method: no KV cache, every new token re-runs the whole sequence;
   eager      plain KV-cached greedy decoding (DynamicCache), modules run eagerly;
-  fast       static KV cache + torch.compile'd decode step (CUDA graphs), compiled SAM encoder,
-             SAM encoder on its own CUDA stream beside CLIP, prefill and decoding, frames resized
-             on the GPU.
+  fast       static KV cache + torch.compile'd decode step (CUDA graphs), compiled CLIP and SAM
+             encoders replayed as CUDA graphs, the SAM encoder on its own CUDA stream beside CLIP,
+             prefill and decoding, frames resized on the GPU.
 The answers are forced to a fixed length (a logits processor picks the tokens) so every mode does the
 same work: "short" = 8 new tokens with one [SEG], "explanatory" = 48 new tokens with one [SEG].
 
@@ -19,6 +19,7 @@ On the CPU with --preset tiny it runs the same code paths at toy size (CI runs i
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -178,7 +179,7 @@ def main(argv=None) -> dict:
         "reference": dict(generation_mode="reference"),
         "eager": dict(generation_mode="cached", cache_implementation="dynamic"),
         "fast": dict(generation_mode="cached", cache_implementation="static", compile_decoder=compile_,
-                     compile_sam_encoder=compile_, overlap_sam_encoder=True, preprocess_on_device=True),
+                     compile_encoders=compile_, overlap_sam_encoder=True, preprocess_on_device=True),
     }
     numbers: dict = {"preset": args.preset, "dtype": args.dtype, "input": f"{args.width}x{args.height} rgb8",
                      "model_build_s": build_seconds, "environment": environment(device)}
@@ -215,8 +216,9 @@ def main(argv=None) -> dict:
     for name in ("eager", "fast"):  # same frame, same forced answer: how many mask pixels agree
         numbers[f"mask_agreement_{name}_vs_reference"] = float((check_masks[name] == check_masks["reference"]).mean())
 
-    for quantization in args.quantization:
-        numbers.update(measure_quantized(model, tokenizer, quantization, frames, args))
+    if args.quantization:
+        del pipelines
+        numbers.update(measure_quantized(model, tokenizer, args.quantization, frames, args))
 
     report = format_report(numbers)
     print(report)
@@ -228,23 +230,28 @@ def main(argv=None) -> dict:
     return numbers
 
 
-def measure_quantized(model: LisaModel, tokenizer, quantization: str, frames, args) -> dict:
-    """The eager pipeline with the language model's decoder layers quantized (SAM stays 16-bit)."""
+def measure_quantized(model: LisaModel, tokenizer, quantizations: list[str], frames, args) -> dict:
+    """The eager pipeline with the language model's decoder layers quantized (SAM stays 16-bit).
+
+    Each quantization starts from the same 16-bit layers, kept on the CPU meanwhile.
+    """
     from lisa_core.pipeline import quantize_language_model
 
     device = model.mm_projector.weight.device
-    layers = model.language_model.model.layers
-    layers.to("cpu")
-    torch.cuda.empty_cache()
-    quantize_language_model(model, quantization, DTYPES[args.dtype])
-    layers.to(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    pipeline = LisaPipeline(model, tokenizer, generation_mode="cached", cache_implementation="dynamic")
+    body = model.language_model.model
+    original_layers = copy.deepcopy(body.layers).to("cpu")
     numbers = {}
-    for answer, length in ANSWER_LENGTHS.items():
-        seconds, _ = time_queries(pipeline, frames, forced_answer(tokenizer, length), args.repeats, 2)
-        numbers[f"{quantization}_{answer}_s"] = seconds
-    numbers[f"{quantization}_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    for quantization in quantizations:
+        body.layers = copy.deepcopy(original_layers)
+        torch.cuda.empty_cache()
+        quantize_language_model(model, quantization, DTYPES[args.dtype])
+        body.layers.to(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        pipeline = LisaPipeline(model, tokenizer, generation_mode="cached", cache_implementation="dynamic")
+        for answer, length in ANSWER_LENGTHS.items():
+            seconds, _ = time_queries(pipeline, frames, forced_answer(tokenizer, length), args.repeats, 2)
+            numbers[f"{quantization}_{answer}_s"] = seconds
+        numbers[f"{quantization}_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return numbers
 
 

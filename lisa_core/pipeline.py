@@ -20,6 +20,7 @@ from torch import nn
 
 from lisa_core.checkpoint import from_pretrained as load_checkpoint
 from lisa_core.checkpoint import seg_token_id
+from lisa_core.cuda_graph import CudaGraphed
 from lisa_core.errors import ConfigurationError, InputError
 from lisa_core.generate import (
     CACHE_IMPLEMENTATIONS,
@@ -136,7 +137,7 @@ class LisaPipeline:
         frame_cache_size: int = 4,
         logits_processor: Optional[LogitsProcessor] = None,
         compile_decoder: bool = False,
-        compile_sam_encoder: bool = False,
+        compile_encoders: bool = False,
         overlap_sam_encoder: bool = False,
         preprocess_on_device: bool = False,
     ) -> None:
@@ -144,7 +145,8 @@ class LisaPipeline:
 
         Speed settings (each falls back to the plain path when off; see bench/bench_gpu.py):
         - cache_implementation="static" with compile_decoder=True: decoding steps as CUDA graphs;
-        - compile_sam_encoder: torch.compile the SAM image encoder (fixed 1024x1024 input);
+        - compile_encoders: torch.compile the CLIP tower and the SAM image encoder (fixed input
+          sizes) and, on a GPU, replay each as one CUDA graph;
         - overlap_sam_encoder: on a GPU, run the SAM encoder on its own CUDA stream while CLIP,
           prefill and decoding run, and wait for it only when the masks are decoded;
         - preprocess_on_device: resize frames with torch on the model's device instead of PIL on the
@@ -181,8 +183,10 @@ class LisaPipeline:
         self._history: list[Turn] = []
         self._lock = threading.RLock()
         self._resize_backend = "torch" if preprocess_on_device else "pil"
-        encode_sam = self.model.sam_image_embeddings
-        self._encode_sam = torch.compile(encode_sam) if compile_sam_encoder else encode_sam
+        self._encode_sam, self._encode_clip = (
+            CudaGraphed(torch.compile(encoder)) if compile_encoders else encoder
+            for encoder in (self.model.sam_image_embeddings, self.model.encode_clip)
+        )
         self._sam_stream = (
             torch.cuda.Stream(self.device) if overlap_sam_encoder and self.device.type == "cuda" else None
         )
@@ -322,7 +326,7 @@ class LisaPipeline:
             clip_pixels = clip_preprocess(
                 image, size=self.config.vision_tower.image_size, device=self.device, resize_backend=self._resize_backend
             )
-            clip_features = self.model.encode_clip(clip_pixels.unsqueeze(0))
+            clip_features = self._encode_clip(clip_pixels.unsqueeze(0))
             stopwatch.lap("clip")
         frame = FrameFeatures(image_size, resized_size, clip_features, sam_embeddings, sam_ready)
         if frame_key is not None:

@@ -87,8 +87,28 @@ def test_compiled_paths_match_plain_cuda(parts):
     model, tokenizer = parts
     plain, plain_tracked = answers(model, tokenizer, "cuda")
     fast, fast_tracked = answers(
-        model, tokenizer, "cuda", cache_implementation="static", compile_decoder=True, compile_sam_encoder=True,
+        model, tokenizer, "cuda", cache_implementation="static", compile_decoder=True, compile_encoders=True,
         overlap_sam_encoder=True,
     )
     assert_same(plain, fast, min_mask_agreement=0.99)
     assert (plain_tracked[0].mask == fast_tracked[0].mask).mean() >= 0.99
+
+
+@needs_cuda
+def test_cuda_graphed_function_matches_direct_calls():
+    from lisa_core.cuda_graph import CudaGraphed
+
+    weight = torch.randn(16, 16, device="cuda")
+
+    def function(x):
+        return torch.relu(x @ weight).sum(dim=0, keepdim=True) + 1
+
+    graphed = CudaGraphed(function)
+    inputs = [torch.randn(4, 16, device="cuda") for _ in range(3)]
+    with torch.no_grad():
+        outputs = [graphed(x) for x in inputs]
+        for x, output in zip(inputs, outputs):  # earlier outputs are not overwritten by later replays
+            torch.testing.assert_close(output, function(x))
+        assert len(graphed._captured) == 1
+        torch.testing.assert_close(graphed(torch.ones(2, 16, device="cuda")), function(torch.ones(2, 16, device="cuda")))
+        assert len(graphed._captured) == 2

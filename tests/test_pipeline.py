@@ -134,6 +134,10 @@ def test_frame_cache_and_tracking(pipe):
     moved = pipe.track(np.roll(frame, 5, axis=1), [first.targets[0].prompt_embedding])
     assert len(moved) == 1 and moved[0].mask.shape == frame.shape[:2]
     assert pipe.track(frame, []) == []
+    # tracking first caches only SAM's embedding: a later query on that frame adds CLIP alone
+    pipe.track(frame[::-1].copy(), [first.targets[0].prompt_embedding], frame_key=("camera", 2))
+    later = pipe.segment(frame[::-1].copy(), "Can you segment the cup?", frame_key=("camera", 2))
+    assert "clip" in later.timings and "sam_encoder" not in later.timings
     with pytest.raises(InputError, match="values"):
         pipe.track(frame, [torch.zeros(3)])
 

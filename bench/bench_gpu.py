@@ -216,10 +216,15 @@ def main(argv=None) -> dict:
     for name in ("eager", "fast"):  # same frame, same forced answer: how many mask pixels agree
         numbers[f"mask_agreement_{name}_vs_reference"] = float((check_masks[name] == check_masks["reference"]).mean())
 
-    if args.quantization:
+    write_report(numbers, args)
+    if args.quantization:  # last, and reported again, so a failure here loses nothing measured above
         del pipelines
         numbers.update(measure_quantized(model, tokenizer, args.quantization, frames, args))
+        write_report(numbers, args)
+    return numbers
 
+
+def write_report(numbers: dict, args) -> None:
     report = format_report(numbers)
     print(report)
     if args.results:
@@ -227,7 +232,6 @@ def main(argv=None) -> dict:
             results.write(report + "\n")
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=1, default=float))
-    return numbers
 
 
 def measure_quantized(model: LisaModel, tokenizer, quantizations: list[str], frames, args) -> dict:

@@ -47,6 +47,7 @@ class PerceptionClient:
         self.node = rclpy.create_node(name, namespace=namespace, context=context)
         self.lock = threading.Lock()
         self.results: list[SegmentationResult] = []
+        self.result_times: list[int] = []  # time.time_ns() when each result arrived
         self.masks: list[Image] = []
         self.centroids: list[PointStamped] = []
         self.target_points: list[PointStamped] = []
@@ -58,7 +59,7 @@ class PerceptionClient:
         self.camera_info_pub = self.node.create_publisher(CameraInfo, topics["camera_info"], CAMERA) if camera else None
         self.query_pub = self.node.create_publisher(String, topics["query"], RELIABLE)
         self.stop_pub = self.node.create_publisher(Empty, topics["stop"], RELIABLE)
-        self._collect(SegmentationResult, topics["result"], self.results)
+        self._collect(SegmentationResult, topics["result"], self.results, arrivals=self.result_times)
         self._collect(Image, topics["mask"], self.masks)
         self._collect(PointStamped, topics["centroid"], self.centroids)
         self._collect(PointStamped, topics["target_point"], self.target_points)
@@ -74,10 +75,13 @@ class PerceptionClient:
         self._thread.start()
 
     def _collect(self, message_type, topic: str, into: list, convert: Callable = lambda m: m,
-                 qos: QoSProfile = RELIABLE) -> None:
+                 qos: QoSProfile = RELIABLE, arrivals: Optional[list] = None) -> None:
         def store(message):
+            arrived = time.time_ns()
             with self.lock:
                 into.append(convert(message))
+                if arrivals is not None:
+                    arrivals.append(arrived)
         self.node.create_subscription(message_type, topic, store, qos)
 
     def _spin(self) -> None:

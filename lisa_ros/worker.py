@@ -22,6 +22,9 @@ from lisa_core.errors import InputError
 from lisa_core.result import SegmentationResult
 
 OVERFLOW_POLICIES = ("drop_oldest", "reject_new")
+# A frame arriving up to this fraction of the tracking period early is not held back: a camera
+# running at track_rate_hz, with jitter, gets every frame tracked without delay.
+TRACK_JITTER_TOLERANCE = 0.1
 # Control characters other than tab and newline become spaces in instructions.
 _KEPT_CONTROLS = {"\t", "\n"}
 
@@ -107,8 +110,7 @@ class _Tracking:
     query: Query
     answer: str
     prompts: list  # the [SEG] prompt embeddings of the answer's targets
-    last_frame_key: int
-    next_due: float  # time.monotonic() before which the next tracking step must not start
+    last_frame: Frame  # the last frame tracked (at first, the answered one)
 
 
 class InferenceWorker:
@@ -257,13 +259,15 @@ class InferenceWorker:
                 return self._queue.popleft()
             tracking, frame = self._tracking, self._newest_frame
             timeout = None
-            if tracking is not None and frame is not None and frame.key > tracking.last_frame_key:
+            if tracking is not None and frame is not None and frame.key > tracking.last_frame.key:
+                # At most track_rate_hz by arrival time; an early frame waits (and newer ones replace it).
+                period = (1.0 - TRACK_JITTER_TOLERANCE) / self._settings.track_rate_hz
+                due = tracking.last_frame.received + period
                 now = time.monotonic()
-                if now >= tracking.next_due:
-                    tracking.last_frame_key = frame.key
-                    tracking.next_due = now + 1.0 / self._settings.track_rate_hz
+                if now >= due:
+                    tracking.last_frame = frame
                     return tracking, frame
-                timeout = tracking.next_due - now
+                timeout = due - now
             self._condition.wait(timeout)
         return None
 
@@ -288,9 +292,10 @@ class InferenceWorker:
             return self._error(query, frame, f"model error: {type(error).__name__}: {error}")
         result.targets = [t for t in result.targets if t.confidence >= settings.min_confidence]
         with self._condition:
-            if settings.tracking and result.targets and not self._queue and not self._stopping:
+            if (settings.tracking and result.targets and query.image is None and not self._queue
+                    and not self._stopping):
                 self._tracking = _Tracking(query, result.answer, [t.prompt_embedding for t in result.targets],
-                                           frame.key, time.monotonic() + 1.0 / settings.track_rate_hz)
+                                           frame)
         return Outcome(query, frame, result, None, time.monotonic() - query.received)
 
     def _track(self, tracking: _Tracking, frame: Frame) -> None:

@@ -12,10 +12,13 @@ our module names), tokenizer files.
 `.bin` files are read with `torch.load(weights_only=True)`: a pickle that would run code is refused.
 
 Tokenisation as LISA was trained: the released models were trained and run with transformers 4.31,
-whose slow Llama tokenizer dropped the whitespace on both sides of tokens added with `add_tokens`
+whose slow Llama tokenizer (1) dropped the whitespace on both sides of tokens added with `add_tokens`
 (<im_patch>, <im_start>, <im_end>, [SEG]): "USER: <im_start>" gave "USER:" + <im_start>, and
-"<im_end>\nquery" gave <im_end> + "query". Newer transformers keep that whitespace unless the added
-token says otherwise, so the official loader marks those tokens lstrip/rstrip (`strip_around_tokens`).
+"<im_end>\nquery" gave <im_end> + "query"; and (2) was "legacy": every text piece between such tokens
+got SentencePiece's leading "▁" ("▁query"). Newer transformers keep that whitespace and, for a
+tokenizer_config.json without a "legacy" entry (the released ones), default to non-legacy. So the
+official loader asks for legacy=True in that case and marks LISA's tokens lstrip/rstrip
+(`strip_around_tokens`). Reading the released tokenizer.model needs sentencepiece and protobuf.
 """
 
 from __future__ import annotations
@@ -177,9 +180,9 @@ class _StateLoader:
         return self.model.to(self.device).eval()
 
 
-def _load_tokenizer(directory: Path, config: LisaConfig):
+def _load_tokenizer(directory: Path, config: LisaConfig, **options):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **options)
     except Exception as error:
         raise CheckpointError(f"{directory}: tokenizer files missing or unreadable ({error})") from error
     seg_id = seg_token_id(tokenizer, config.seg_token)
@@ -357,7 +360,11 @@ def _load_official(directory: Path, device: torch.device, dtype: torch.dtype, vi
     loader.check_complete(directory, skip_prefixes=() if vision_tower_in_checkpoint else ("vision_tower.",))
     if not vision_tower_in_checkpoint:
         _load_clip(loader, clip_dir)
-    tokenizer = _load_tokenizer(directory, config)
+    tokenizer_config_path = directory / "tokenizer_config.json"
+    tokenizer_config = _read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else {}
+    # A config without "legacy" was written before that option existed: it meant legacy Llama behaviour.
+    options = {} if "legacy" in tokenizer_config else {"legacy": True}
+    tokenizer = _load_tokenizer(directory, config, **options)
     strip_around_tokens(tokenizer)
     return loader.finish(), tokenizer
 

@@ -1,5 +1,6 @@
 """Checkpoints: the official LISA layout (written by us at tiny size) and our own format."""
 
+import importlib.util
 import json
 import pickle
 
@@ -273,3 +274,83 @@ def test_loaded_weights_are_trainable_parameters(tiny):
     parameters = dict(model.named_parameters())
     assert "visual_model.mask_decoder.iou_token.weight" in parameters
     assert all(p.requires_grad for p in parameters.values())
+
+
+def write_llama_tokenizer_files(folder, vocab_size=500):
+    """Tokenizer files as LISA released them (transformers 4.31): a SentencePiece model trained here
+    with Llama's settings, added_tokens.json, and a tokenizer_config.json with no "legacy" entry."""
+    import io
+
+    import sentencepiece as spm
+
+    from lisa_core.tiny import BASE_CORPUS
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(BASE_CORPUS) * 20), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        normalization_rule_name="identity", split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 512,
+        "clean_up_tokenization_spaces": False}))
+    added = ["<im_patch>", "<im_start>", "<im_end>", "[SEG]"]
+    (folder / "added_tokens.json").write_text(json.dumps({t: vocab_size + i for i, t in enumerate(added)}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()), {t: vocab_size + i for i, t in enumerate(added)}
+
+
+def slow_llama_ids(sentencepiece, added, text):
+    """What transformers 4.31's slow legacy LlamaTokenizer gave for `text` (no </s> inside): BOS, then
+    each piece between added tokens stripped of surrounding whitespace and SentencePiece-encoded."""
+    import re
+
+    pieces = re.split("(" + "|".join(re.escape(token) for token in added) + ")", text)
+    ids = [1]
+    for index, piece in enumerate(pieces):
+        if piece in added:
+            ids.append(added[piece])
+            continue
+        piece = piece.lstrip() if index > 0 else piece
+        piece = piece.rstrip() if index < len(pieces) - 1 else piece
+        if piece:
+            ids.extend(sentencepiece.encode(piece))
+    return ids
+
+
+@pytest.mark.skipif(importlib.util.find_spec("google.protobuf") is None, reason="needs protobuf")
+def test_released_style_tokenizer_gives_the_ids_lisa_was_trained_on(tmp_path):
+    from transformers import AutoTokenizer
+
+    from lisa_core.prompt import build_prompt, tokenize_with_image
+    from lisa_core.tiny import build_tiny_model
+
+    spm_dir = tmp_path / "spm"
+    spm_dir.mkdir()
+    sentencepiece, added = write_llama_tokenizer_files(spm_dir)
+    plain = AutoTokenizer.from_pretrained(spm_dir)
+    folder = tmp_path / "LISA"
+    save_official_layout(build_tiny_model(plain), plain, folder, vision_tower_dir=tmp_path / "clip")
+    for written in folder.iterdir():
+        if "token" in written.name:
+            written.unlink()
+    for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
+        (folder / name).write_bytes((spm_dir / name).read_bytes())
+
+    model, tokenizer = from_pretrained(folder)
+    assert tokenizer.convert_tokens_to_ids("[SEG]") == added["[SEG]"]
+    for query in ("Can you segment the cup in this image?", "What is 3 + 4?  Please output segmentation mask."):
+        prompt = build_prompt(query)
+        before, after = prompt.split("<image>")
+        expected = (slow_llama_ids(sentencepiece, added, before) + [-200] * 256
+                    + slow_llama_ids(sentencepiece, added, after)[1:])
+        assert tokenize_with_image(tokenizer, prompt, 256) == expected
+    answer = "Sure, it is [SEG] ."
+    assert tokenizer(answer).input_ids == slow_llama_ids(sentencepiece, added, answer)
+    result = LisaPipeline(model, tokenizer, max_new_tokens=3).segment(
+        np.zeros((16, 16, 3), dtype=np.uint8), "Can you segment the cup?")
+    assert len(result.output_ids) == 3

@@ -14,6 +14,6 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_speed_settings.py tests/test_preprocess.py tests/test_pipeline.py} 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/test_speed_settings.py tests/test_preprocess.py tests/test_pipeline_gpu.py} 2>&1 | tail -4 | tee "$out/gpu_tests.txt"
 timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_gpu.py --preset lisa_7b --device cuda --dtype bf16 \
     ${BENCH_ARGS:-} --results "$out/results_gpu.md" --json "$out/gpu.json" 2>&1 | grep -v "^W1127" | tee "$out/bench_log.txt" | tail -45

@@ -10,7 +10,7 @@ set +u
 source "$root/install/setup.bash"
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$(( 1 + RANDOM % 100 ))}
-export ROS_LOG_DIR=${ROS_LOG_DIR:-$(mktemp -d -t lisa_ros_log.XXXXXX)}
+export ROS_LOG_DIR=${ROS_LOG_DIR:-${TMPDIR:-/tmp}/lisa_ros_logs}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONUNBUFFERED=1
 exec "$@"

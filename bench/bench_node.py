@@ -166,21 +166,44 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# A bare rclpy subscription to the same frames, same QoS: the baseline for the node's cost per frame.
+BARE_SUBSCRIBER = """
+import rclpy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+rclpy.init()
+node = rclpy.create_node("bare_subscriber")
+node.create_subscription(Image, "camera/image_raw", lambda message: None,
+                         QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+try:
+    rclpy.spin(node)
+except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+    pass
+"""
+
+
 def node_idle_720p(client, node_pid: int, seconds: float) -> dict:
-    """1280x720 rgb8 at 30 Hz with no query: what receiving and converting a frame costs the node."""
+    """1280x720 rgb8 at 30 Hz with no query: what receiving and converting a frame costs the node,
+    next to a bare rclpy subscription to the same frames."""
+    bare = subprocess.Popen([sys.executable, "-c", BARE_SUBSCRIBER], env=dict(os.environ))
+    client.wait_for(lambda: client.image_pub.get_subscription_count() >= 2, 30)
+    time.sleep(1.0)
     frame = _frame(0, 720, 1280)
     _publish_until_received(client, frame)
     received_before = client.statuses[-1]["counts"]["frames"]
-    cpu_before = _cpu_seconds(node_pid)
+    cpu_before, bare_before = _cpu_seconds(node_pid), _cpu_seconds(bare.pid)
     published, started = 0, time.monotonic()
     while time.monotonic() - started < seconds:
         client.publish_frame(frame, time.time_ns())
         published += 1
         time.sleep(max(0.0, started + published / 30 - time.monotonic()))
     time.sleep(0.5)
-    cpu = _cpu_seconds(node_pid) - cpu_before
+    cpu, bare_cpu = _cpu_seconds(node_pid) - cpu_before, _cpu_seconds(bare.pid) - bare_before
     received = client.statuses[-1]["counts"]["frames"] - received_before
-    return {"published": published, "received": received, "cpu_s": cpu, "seconds": seconds}
+    bare.send_signal(signal.SIGINT)
+    bare.wait(10)
+    return {"published": published, "received": received, "cpu_s": cpu, "bare_cpu_s": bare_cpu,
+            "seconds": seconds}
 
 
 def node_stream_720p(client, seconds: float) -> dict:
@@ -325,9 +348,11 @@ def format_report(machine, arguments, direct, default_transport, large_frames) -
         f"{_ms(n['track_node'])} | {_ms(n['track_wall'])} | {1000 * overhead_frame:+.1f} ms |",
         "",
         f"Direct `track` on 1280x720: {_ms(d['track_720'])} ms.\n",
-        f"Receiving 1280x720 rgb8 at 30 Hz with no query ({n['idle']['seconds']:.0f} s): {n['idle']['received']} of "
-        f"{n['idle']['published']} frames taken, node CPU {1000 * n['idle']['cpu_s'] / max(1, n['idle']['received']):.1f} ms "
-        f"per frame ({100 * n['idle']['cpu_s'] / n['idle']['seconds']:.0f}% of one core, executor and DDS included).\n",
+        f"Receiving 1280x720 rgb8 at 30 Hz with no query ({n['idle']['seconds']:.0f} s): the node took "
+        f"{n['idle']['received']} of {n['idle']['published']} frames; CPU per published frame: node "
+        f"{1000 * n['idle']['cpu_s'] / n['idle']['published']:.1f} ms, a bare rclpy subscription "
+        f"{1000 * n['idle']['bare_cpu_s'] / n['idle']['published']:.1f} ms (DDS and deserialization; the "
+        "difference is the node's conversion and executor).\n",
         f"### 1280x720 rgb8 at 30 Hz while tracking ({arguments.seconds:.0f} s)\n",
         "| Fast DDS transports | published | received by the node | not received (transport loss, or replaced "
         "by a newer frame before the node took it) | tracked "

@@ -44,7 +44,7 @@ from std_msgs.msg import Empty, Header, String
 from lisa_core.errors import InputError
 from lisa_core.overlay import draw_overlay
 from lisa_core.result import Target
-from lisa_ros.geometry import Intrinsics, depth_in_metres, target_point
+from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, Intrinsics, depth_in_metres, target_point
 from lisa_ros.image_conv import cv2_to_imgmsg, imgmsg_to_cv2
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, resolve_model, write_tiny_preset
 from lisa_ros.msg import SegmentationResult as SegmentationResultMsg
@@ -55,7 +55,7 @@ from lisa_ros.worker import Frame, InferenceWorker, Outcome, Query, WorkerSettin
 
 NODE_NAME = "lisa_perception"
 COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
-DEPTH_BUFFER_LENGTH = 30  # recent depth images kept for pairing with frames by stamp
+DEPTH_BUFFER_LENGTH = 10  # recent depth images (as received) kept for pairing with frames by stamp
 SHUTDOWN_WORKER_WAIT_S = 1.0
 
 
@@ -220,13 +220,16 @@ class PerceptionNode(Node):
         try:
             if pixels > limit:
                 raise InputError(f"{msg.width}x{msg.height} is more than max_image_pixels ({limit})")
-            depth = depth_in_metres(imgmsg_to_cv2(msg), msg.encoding)
+            if msg.encoding not in DEPTH_SCALE_TO_METRES:
+                raise InputError(f"unsupported depth encoding {msg.encoding!r}; expected one of "
+                                 f"{', '.join(DEPTH_SCALE_TO_METRES)}")
+            depth = imgmsg_to_cv2(msg)
         except InputError as error:
             self._count("bad_depth")
             self._report_bad_input(f"bad depth image: {error}")
             return
         with self._lock:
-            self._depth_images.append((msg.header, depth))
+            self._depth_images.append((msg.header, depth, msg.encoding))
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
@@ -362,7 +365,7 @@ class PerceptionNode(Node):
         if info is None:
             return None, None, "no camera info received"
         stamp = _stamp_ns(header)
-        depth_header, depth = min(depth_images, key=lambda item: abs(_stamp_ns(item[0]) - stamp))
+        depth_header, depth, encoding = min(depth_images, key=lambda item: abs(_stamp_ns(item[0]) - stamp))
         offset_s = abs(_stamp_ns(depth_header) - stamp) / 1e9
         if offset_s > self.get_parameter("depth_max_offset").value:
             return None, None, f"the closest depth image is {offset_s:.3f} s from the frame (depth_max_offset)"
@@ -370,7 +373,7 @@ class PerceptionNode(Node):
             return None, None, (f"depth is {depth.shape[1]}x{depth.shape[0]}, the frame "
                                 f"{image_size[1]}x{image_size[0]}: depth must be registered to the frame")
         try:
-            return depth, Intrinsics.from_k(info.k), None
+            return depth_in_metres(depth, encoding), Intrinsics.from_k(info.k), None
         except InputError as error:
             return None, None, str(error)
 

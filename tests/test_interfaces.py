@@ -8,7 +8,6 @@ import rclpy
 from geometry_msgs.msg import Point
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from rclpy.serialization import serialize_message
 from sensor_msgs.msg import RegionOfInterest
 from std_msgs.msg import Header
 
@@ -129,8 +128,7 @@ def test_segmentation_result_arrives_intact_from_another_process(ros_env):
         assert arrived, f"no result arrived; publisher output:\n{child.output()}"
 
     (result,) = received
-    assert result == expected
-    assert serialize_message(result) == serialize_message(expected)
+    assert result == expected  # every field; CDR bytes are not compared: their padding is uninitialised
     assert (result.header.stamp.sec, result.header.stamp.nanosec) == (1764230400, 123456789)
     assert result.header.frame_id == "camera_color_optical_frame"
     assert (result.query_id, result.query) == ("q-42", "I'm thirsty, what can I drink?")

@@ -6,10 +6,12 @@ owns the model. Outcomes are published from the worker thread (rclpy publishers 
 QoS, on purpose:
 - camera, depth and camera info: best effort, keep last 1 (sensor data). A best-effort subscription
   matches both reliable and best-effort publishers, and keeping only the newest frame means a busy
-  node never works through a backlog. `image_reliability: reliable` trades the match with
-  best-effort publishers for no lost fragments of large frames.
-- instructions and stop: reliable, keep last 100, so a burst of instructions is not lost in transit
-  (the node's own queue decides what to drop, and says so).
+  node never works through a backlog. Frames over ~0.5 MB (640x480 rgb8 and up) leave Fast DDS's
+  default shared memory and go over UDP in fragments, and best effort loses most of them: run the
+  camera driver (and the node) with config/fastdds_large_frames.xml (see that file; bench/results_node.md
+  has the numbers), or set `image_reliability: reliable`, which then matches reliable publishers only.
+- instructions and stop: reliable, keep all, so no instruction of a burst is lost in transit (each
+  is taken at once; the node's own bounded queue decides what to drop, and says so).
 - results (mask, centroids, answer, SegmentationResult, overlay): reliable, keep last 10; the result
   topic keeps 100 so a burst of 'queue full' errors reaches its subscribers.
 - status: reliable, transient local, keep last 1: a late subscriber gets the current state at once.
@@ -95,8 +97,7 @@ class PerceptionNode(Node):
             history=HistoryPolicy.KEEP_LAST, depth=1,
             reliability=(ReliabilityPolicy.RELIABLE if p["image_reliability"] == "reliable"
                          else ReliabilityPolicy.BEST_EFFORT))
-        command_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
-                                 reliability=ReliabilityPolicy.RELIABLE)
+        command_qos = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
         output_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10,
                                 reliability=ReliabilityPolicy.RELIABLE)
         result_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
@@ -301,10 +302,10 @@ class PerceptionNode(Node):
             self._count("tracked" if outcome.tracked else "results")
             with self._lock:
                 self._last_latency_s = outcome.latency_s
-            if not outcome.tracked:
+            if not outcome.tracked:  # tracked frames show in the heartbeat's counts, not one status each
                 self.get_logger().info(f"{outcome.query.id} answered in {outcome.latency_s:.2f} s: "
                                        f"{outcome.result.answer!r} ({len(outcome.result.targets)} targets)")
-            self._publish_status("tracked" if outcome.tracked else "result", outcome.query.id)
+                self._publish_status("result", outcome.query.id)
         else:
             self._count("dropped" if outcome.error.startswith("dropped") else
                         "bad_queries" if outcome.error.startswith("bad query:") else "errors")

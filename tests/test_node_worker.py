@@ -204,11 +204,14 @@ def test_stop_gives_waiting_queries_an_error(pipeline):
     assert pipeline.entered.wait(30)
     harness.query("q-2")
     assert not harness.worker.stop(0.2), "q-1 is still inside the model"
-    (waiting,) = harness.wait_for_ids("q-2")
+    waiting, abandoned = harness.wait_for_ids("q-2", "q-1")
     assert waiting.error == "node shutting down: query not answered"
+    assert abandoned.error == "node shutting down: inference abandoned"
     pipeline.gate.set()
     assert harness.worker.stop(30), "the abandoned inference ends by itself"
-    assert harness.by_id()["q-1"].success
+    time.sleep(0.1)
+    with harness.lock:
+        assert sorted(o.query.id for o in harness.outcomes) == ["q-1", "q-2"], "one outcome each, no late answer"
 
 
 def test_settings_are_validated():

@@ -185,6 +185,30 @@ def _set_parameter(client, name, value):
         client.node.destroy_client(service)
 
 
+def test_parameters_are_described_with_ranges_and_read_only_flags(client):
+    from rcl_interfaces.srv import DescribeParameters
+
+    from lisa_ros.parameters import PARAMETERS
+
+    service = client.node.create_client(DescribeParameters, "/lisa_perception/describe_parameters")
+    try:
+        assert service.wait_for_service(timeout_sec=10)
+        future = service.call_async(DescribeParameters.Request(names=[spec.name for spec in PARAMETERS]))
+        assert client.wait_for(future.done, 10)
+        descriptors = {d.name: d for d in future.result().descriptors}
+    finally:
+        client.node.destroy_client(service)
+    assert set(descriptors) == {spec.name for spec in PARAMETERS}
+    assert all(d.description for d in descriptors.values())
+    assert descriptors["model_path"].read_only and descriptors["device"].read_only
+    assert descriptors["precision"].read_only and not descriptors["queue_size"].read_only
+    queue_range = descriptors["queue_size"].integer_range[0]
+    assert (queue_range.from_value, queue_range.to_value) == (1, 1000)
+    age_range = descriptors["max_image_age"].floating_point_range[0]
+    assert (age_range.from_value, age_range.to_value) == (0.0, 3600.0)
+    assert "drop_oldest" in descriptors["overflow_policy"].additional_constraints
+
+
 def test_runtime_parameters_are_checked(client):
     assert not _set_parameter(client, "queue_size", 0).successful
     refused = _set_parameter(client, "overflow_policy", "drop_everything")

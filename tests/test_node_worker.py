@@ -97,6 +97,19 @@ def test_query_is_answered_on_the_newest_frame(pipeline):
     assert harness.worker.stop(2.0)
 
 
+def test_targets_below_min_confidence_are_left_out(pipeline):
+    harness = Harness(lambda: pipeline)
+    harness.frame(0)
+    harness.query("q-1")
+    (kept,) = harness.wait_for_ids("q-1")
+    confidence = kept.result.targets[0].confidence
+    harness.worker.update_settings(min_confidence=min(1.0, confidence + 0.01))
+    harness.query("q-2")
+    (filtered,) = harness.wait_for_ids("q-2")
+    assert filtered.success and filtered.result.answer == kept.result.answer and filtered.result.targets == []
+    harness.worker.stop(2.0)
+
+
 def test_no_frame_and_too_old_frame_are_errors_that_name_why(pipeline):
     harness = Harness(lambda: pipeline, max_image_age=0.5)
     harness.query("q-1")

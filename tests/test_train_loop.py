@@ -137,3 +137,11 @@ def test_resume_gives_identical_next_steps(tmp_path):
 def test_missing_data_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigurationError, match="datasets"):
         Trainer(_config(tmp_path, "none", datasets=[], max_steps=1))
+
+
+@pytest.mark.parametrize("name", ["lisa_7b_reason_seg.yaml", "demo.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / name)
+    assert config.datasets

@@ -12,8 +12,8 @@ Steps:
    split, in generation mode (what users get) and the official forced-"[SEG]." mode;
 4. `--out`/results.json (the full report), `--out`/loss_curve.png, `--out`/RESULTS.md (command,
    wall time, machine, numbers).
-The run folder (checkpoints, metrics.jsonl) goes to the config's output_dir (runs/demo), outside the
-repository's shipped files; `--set resume=latest` continues an interrupted run.
+The run folder (checkpoints, metrics.jsonl) goes to the config's output_dir (out/runs/demo, ignored by
+git); `--set resume=latest` continues an interrupted run.
 """
 
 from __future__ import annotations

@@ -76,14 +76,18 @@ def _merge_dicts(base: dict, overrides: dict) -> dict:
 
 
 def build_tiny(spec: dict) -> tuple[LisaModel, object]:
-    """A random LISA from `tiny_model`: {seed, corpus: [names], config: LisaConfig.tiny() overrides}.
+    """A random LISA from `tiny_model`: {seed, corpus: [names], config: LisaConfig.tiny() overrides,
+    seg_projection_gain}.
 
     The tokenizer is lisa_core.tiny's, trained on the named corpora (e.g. the synthetic benchmark's
-    vocabulary); `config` overrides LisaConfig.tiny() field by field (nested dicts merge).
+    vocabulary); `config` overrides LisaConfig.tiny() field by field (nested dicts merge);
+    `seg_projection_gain` scales the initial output layer of text_hidden_fcs (default 1).
     """
-    unknown = set(spec) - {"seed", "corpus", "config"}
+    unknown = set(spec) - {"seed", "corpus", "config", "seg_projection_gain"}
     if unknown:
-        raise ConfigurationError(f"tiny_model accepts seed, corpus and config; unknown: {sorted(unknown)}")
+        raise ConfigurationError(
+            f"tiny_model accepts seed, corpus, config and seg_projection_gain; unknown: {sorted(unknown)}"
+        )
     texts: list[str] = []
     for name in spec.get("corpus", ()):
         if name not in TOKENIZER_CORPORA:
@@ -102,6 +106,13 @@ def build_tiny(spec: dict) -> tuple[LisaModel, object]:
         model = LisaModel(config)
     finally:
         torch.random.set_rng_state(generator_state)
+    gain = float(spec.get("seg_projection_gain", 1.0))
+    if gain != 1.0:
+        # SAM's own tokens start at N(0, 1); a default-initialised projection gives [SEG] prompts of RMS
+        # ~0.25, too faint for a random mask decoder to notice, which stalls training from scratch.
+        with torch.no_grad():
+            model.text_hidden_fcs[0][2].weight.mul_(gain)
+            model.text_hidden_fcs[0][2].bias.mul_(gain)
     return model, tokenizer
 
 

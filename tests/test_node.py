@@ -266,6 +266,18 @@ def test_bad_image_is_reported_and_the_node_keeps_serving(ros, client, camera):
     assert client.query("Where is the red box?").success
 
 
+def test_signal_during_start_up_ends_the_node_cleanly(ros):
+    from lisa_ros.process import node_command, start_node
+
+    log = ros["tmp"] / "early_stop.log"
+    process = start_node(node_command([{"model_path": str(ros["tmp"] / "missing")}], ros["tmp"], name="early"),
+                         ros["env"], log)
+    time.sleep(0.3)  # still importing torch and rclpy
+    os.kill(process.pid, signal.SIGINT)
+    assert process.wait(30) == 0, log.read_text()
+    assert "Traceback" not in log.read_text() and "KeyboardInterrupt" not in log.read_text()
+
+
 def test_sigterm_ends_the_node_cleanly_within_2_s(node, client):
     process = node["process"]
     assert process.poll() is None, node["log"].read_text()

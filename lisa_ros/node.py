@@ -19,7 +19,7 @@ def main(args=None) -> int:
 
     import rclpy
     from rclpy.exceptions import ParameterException
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     from lisa_ros.perception_node import NODE_NAME, PerceptionNode
@@ -33,7 +33,7 @@ def main(args=None) -> int:
         print(f"[{NODE_NAME}] cannot start: {error}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
     while not stop.is_set():
         try:

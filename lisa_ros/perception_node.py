@@ -1,8 +1,10 @@
 """The `lisa_perception` node: camera frames and instructions in; masks, centroids and answers out.
 lisa_ros.node runs it.
 
-Threads: the executor's threads only convert messages and hand work over; one InferenceWorker thread
-owns the model. Outcomes are published from the worker thread (rclpy publishers are thread-safe).
+Threads: one executor thread converts messages and hands work over (the segment service awaits its
+answer as a coroutine, so it never blocks that thread); one InferenceWorker thread owns the model.
+Outcomes are published from the worker thread (rclpy publishers are thread-safe). A single-threaded
+executor costs far less per frame than rclpy's multi-threaded one (bench/results_node.md).
 
 QoS, on purpose:
 - camera, depth and camera info: best effort, keep last 1 (sensor data). A best-effort subscription
@@ -32,9 +34,9 @@ import rclpy
 from geometry_msgs.msg import Point, PointStamped
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
 from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import Empty, Header, String
 
@@ -80,7 +82,7 @@ class PerceptionNode(Node):
         self._lock = threading.Lock()
         self._depth_images: deque = deque(maxlen=DEPTH_BUFFER_LENGTH)
         self._camera_info: Optional[CameraInfo] = None
-        self._waiting_services: dict[int, tuple[threading.Event, list]] = {}
+        self._waiting_services: dict[int, Future] = {}  # id(query) -> its service call's answer
         self._counts = dict(queries=0, results=0, errors=0, dropped=0, tracked=0, frames=0, bad_frames=0,
                             bad_depth=0, bad_queries=0)
         self._last_latency_s: Optional[float] = None
@@ -109,21 +111,16 @@ class PerceptionNode(Node):
         self._result_pub = self.create_publisher(SegmentationResultMsg, p["result_topic"], result_qos)
         self._status_pub = self.create_publisher(String, p["status_topic"], status_qos)
 
-        sensors = MutuallyExclusiveCallbackGroup()
-        commands = MutuallyExclusiveCallbackGroup()
         self._image_topic = self.resolve_topic_name(p["image_topic"])
-        self.create_subscription(Image, p["image_topic"], self._on_image, image_qos, callback_group=sensors)
+        self.create_subscription(Image, p["image_topic"], self._on_image, image_qos)
         if p["depth_topic"]:
-            self.create_subscription(Image, p["depth_topic"], self._on_depth, image_qos, callback_group=sensors)
-            self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info, image_qos,
-                                     callback_group=sensors)
-        self.create_subscription(String, p["query_topic"], self._on_query, command_qos, callback_group=commands)
-        self.create_subscription(Empty, p["stop_topic"], self._on_stop, command_qos, callback_group=commands)
-        self.create_service(Segment, p["segment_service"], self._on_segment,
-                            callback_group=ReentrantCallbackGroup())
+            self.create_subscription(Image, p["depth_topic"], self._on_depth, image_qos)
+            self.create_subscription(CameraInfo, p["camera_info_topic"], self._on_camera_info, image_qos)
+        self.create_subscription(String, p["query_topic"], self._on_query, command_qos)
+        self.create_subscription(Empty, p["stop_topic"], self._on_stop, command_qos)
+        self.create_service(Segment, p["segment_service"], self._on_segment)
         if p["status_rate_hz"] > 0:
-            self.create_timer(1.0 / p["status_rate_hz"], lambda: self._publish_status("heartbeat"),
-                              callback_group=MutuallyExclusiveCallbackGroup())
+            self.create_timer(1.0 / p["status_rate_hz"], lambda: self._publish_status("heartbeat"))
 
         self._worker = InferenceWorker(
             load_pipeline=self._load_pipeline, on_outcome=self._publish_outcome, on_state=self._publish_status,
@@ -242,11 +239,14 @@ class PerceptionNode(Node):
         self._count("queries")
         self._worker.submit(query)
 
-    def _on_segment(self, request: Segment.Request, response: Segment.Response) -> Segment.Response:
+    async def _on_segment(self, request: Segment.Request, response: Segment.Response) -> Segment.Response:
         query = Query(request.query_id or f"q-{next(self._query_numbers)}", request.query, time.monotonic())
-        done, box = threading.Event(), []
+        answer = Future(executor=self.executor)
+        answer.add_done_callback(lambda _: None)  # so that completing it from the worker wakes the executor
+        timeout = self.get_parameter("service_timeout").value
+        timer = self.create_timer(timeout, lambda: answer.done() or answer.set_result(None))
         with self._lock:
-            self._waiting_services[id(query)] = (done, box)
+            self._waiting_services[id(query)] = answer
         try:
             if request.use_image:
                 try:
@@ -256,19 +256,17 @@ class PerceptionNode(Node):
                     self._count("queries")
                     self._publish_outcome(Outcome(query, None, None, f"bad image in the request: {error}",
                                                   time.monotonic() - query.received))
-            if not done.is_set():
+            if not answer.done():
                 self._submit(query)
-            timeout = self.get_parameter("service_timeout").value
-            if done.wait(timeout):
-                response.result = box[0]
-            else:
-                response.result = SegmentationResultMsg(
-                    query_id=query.id, query=request.query, success=False,
-                    error=f"timed out after {timeout} s (service_timeout); the outcome will still be "
-                          "published on the result topic")
+            result = await answer
         finally:
+            self.destroy_timer(timer)
             with self._lock:
                 self._waiting_services.pop(id(query), None)
+        response.result = result if result is not None else SegmentationResultMsg(
+            query_id=query.id, query=request.query, success=False,
+            error=f"timed out after {timeout} s (service_timeout); the outcome will still be published on "
+                  "the result topic")
         return response
 
     # ---- outputs (worker thread, or the submitting thread for dropped queries) --------------------------
@@ -289,9 +287,8 @@ class PerceptionNode(Node):
 
         with self._lock:
             waiting = self._waiting_services.get(id(outcome.query))
-        if waiting is not None and not outcome.tracked:
-            waiting[1].append(message)
-            waiting[0].set()
+        if waiting is not None and not outcome.tracked and not waiting.done():
+            waiting.set_result(message)
 
         if outcome.success:
             self._count("tracked" if outcome.tracked else "results")

@@ -27,12 +27,17 @@ OVERFLOW_POLICIES = ("drop_oldest", "reject_new")
 TRACK_JITTER_TOLERANCE = 0.1
 # Control characters other than tab and newline become spaces in instructions.
 _KEPT_CONTROLS = {"\t", "\n"}
+# rclpy decodes a string message's invalid UTF-8 bytes to this character.
+_UNDECODABLE = "\ufffd"
 
 
 def clean_query(text: str, max_chars: int) -> str:
     """The instruction as the model gets it, or InputError naming what is wrong with it."""
     if len(text) > max_chars:
         raise InputError(f"bad query: {len(text)} characters, more than max_query_chars ({max_chars})")
+    if _UNDECODABLE in text:
+        raise InputError("bad query: the instruction is not valid UTF-8 (undecodable bytes at character "
+                         f"{text.index(_UNDECODABLE)})")
     cleaned = "".join(" " if unicodedata.category(c) == "Cc" and c not in _KEPT_CONTROLS else c
                       for c in text).strip()
     if not cleaned:

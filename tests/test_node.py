@@ -97,6 +97,19 @@ def test_query_before_any_frame_gets_the_no_frame_error(client):
                                        and result.error in s["last_error"] for s in client.statuses), 5)
 
 
+def test_instruction_of_invalid_utf8_bytes_is_refused_with_the_reason(client):
+    from rclpy.serialization import serialize_message
+    from std_msgs.msg import String
+
+    wire = serialize_message(String(data="cut the paper")).replace(b"the", b"\xff\xfe\xfd")
+    with client.lock:
+        seen = len(client.results)
+    client.query_pub.publish(wire)  # rclpy publishes serialized bytes as they are
+    assert client.wait_for(lambda: len(client.results) > seen, 10)
+    result = client.results[seen]
+    assert not result.success and result.error.startswith("bad query: the instruction is not valid UTF-8")
+
+
 def test_instruction_yields_mask_centroid_answer_and_result_on_the_frame_used(client, camera):
     result = client.query("Where is the red box?")
     assert result.success, result.error

@@ -246,6 +246,7 @@ def test_queries_are_cleaned(text, expected):
 @pytest.mark.parametrize("text, message", [
     ("", "empty"), (" \t\n", "only whitespace"), ("\x00\x01", "control characters"),
     ("x" * 101, "101 characters, more than max_query_chars (100)"),
+    ("ab\ufffd\ufffd", "not valid UTF-8 (undecodable bytes at character 2)"),
 ])
 def test_bad_queries_are_refused_with_the_reason(text, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):

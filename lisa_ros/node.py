@@ -39,7 +39,7 @@ def main(args=None) -> int:
         try:
             executor.spin_once(timeout_sec=0.1)
         except Exception as error:  # one callback failing (e.g. undecodable message) must not end the node
-            node.get_logger().error(f"callback failed: {type(error).__name__}: {error}")
+            node.report_error(f"callback failed: {type(error).__name__}: {error}")
     node.close()
     executor.shutdown(timeout_sec=0.5)
     node.destroy_node()

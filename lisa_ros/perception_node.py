@@ -195,7 +195,7 @@ class PerceptionNode(Node):
             image = self._colour_image(msg)
         except InputError as error:
             self._count("bad_frames")
-            self._report_bad_input(f"bad image on {self._image_topic}: {error}")
+            self.report_error(f"bad image on {self._image_topic}: {error}")
             return
         self._worker.submit_frame(Frame(image, msg.header, time.monotonic(), next(self._frame_keys)))
 
@@ -219,7 +219,7 @@ class PerceptionNode(Node):
             depth = imgmsg_to_cv2(msg)
         except InputError as error:
             self._count("bad_depth")
-            self._report_bad_input(f"bad depth image: {error}")
+            self.report_error(f"bad depth image: {error}")
             return
         with self._lock:
             self._depth_images.append((msg.header, depth, msg.encoding))
@@ -338,7 +338,7 @@ class PerceptionNode(Node):
                                       or header.frame_id)
                 self._point_pub.publish(PointStamped(header=point_header, point=Point(x=x, y=y, z=z)))
             elif no_depth_reason is not None and self.get_parameter("depth_topic").value:
-                self._report_bad_input(f"{outcome.query.id}: no 3D point: {no_depth_reason}")
+                self.report_error(f"{outcome.query.id}: no 3D point: {no_depth_reason}")
         if not outcome.tracked:
             self._explanation_pub.publish(String(data=result.answer))
         if self.get_parameter("publish_overlay").value and self._overlay_pub.get_subscription_count() > 0:
@@ -375,7 +375,7 @@ class PerceptionNode(Node):
         with self._lock:
             self._counts[name] += 1
 
-    def _report_bad_input(self, text: str) -> None:
+    def report_error(self, text: str) -> None:
         """Logs and reports on status; the same text again within a second only updates last_error."""
         now = time.monotonic()
         with self._lock:

@@ -8,7 +8,7 @@
 
 Launch arguments (`ros2 launch lisa_ros perception.launch.py --show-args`):
     model_path         model folder; empty: the embedded demo model
-    device             cpu, cuda, cuda:<index> or mps
+    device             cpu, cuda or cuda:<index>
     precision          fp32, bf16 or fp16
     image_topic        camera frames
     depth_topic        depth registered to the frames; empty: no depth
@@ -31,7 +31,7 @@ NODE_NAME = "lisa_perception"
 LAUNCH_ARGUMENTS = (
     ("model_path", "", "Model folder (our format or an official LISA folder); empty: the embedded demo "
                        "model (models/demo, else the untrained tiny preset)."),
-    ("device", "cpu", "Torch device: cpu, cuda, cuda:<index> or mps."),
+    ("device", "cpu", "Torch device: cpu, cuda or cuda:<index>."),
     ("precision", "fp32", "fp32, bf16 or fp16."),
     ("image_topic", "camera/image_raw", "Camera frames (sensor_msgs/Image)."),
     ("depth_topic", "camera/depth/image_raw", "Depth registered to the frames (16UC1 mm or 32FC1 m); "

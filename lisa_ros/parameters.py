@@ -16,7 +16,7 @@ from lisa_ros.worker import OVERFLOW_POLICIES
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 IMAGE_RELIABILITIES = ("best_effort", "reliable")
-DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ParameterSpec:
         if self.choices is not None and value not in self.choices:
             return f"{self.name} must be one of {', '.join(self.choices)}; got {value!r}"
         if self.name == "device" and not DEVICE_PATTERN.match(value):
-            return f"device must be cpu, cuda, cuda:<index> or mps; got {value!r}"
+            return f"device must be cpu, cuda or cuda:<index>; got {value!r}"
         return None
 
 
@@ -44,7 +44,7 @@ PARAMETERS = (
                   read_only=True),
     ParameterSpec("model_cache_dir", "", "Where the untrained tiny preset is written on first use. "
                   "Empty: $XDG_CACHE_HOME/lisa_ros or ~/.cache/lisa_ros.", read_only=True),
-    ParameterSpec("device", "cpu", "Torch device: cpu, cuda, cuda:<index> or mps.", read_only=True),
+    ParameterSpec("device", "cpu", "Torch device: cpu, cuda or cuda:<index>.", read_only=True),
     ParameterSpec("precision", "fp32", "Weights and activations: fp32, bf16 or fp16.", read_only=True,
                   choices=PRECISIONS),
     ParameterSpec("quantization", "none", "Load the language model in 8 or 4 bit (bitsandbytes, GPU).",

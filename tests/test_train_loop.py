@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -145,3 +147,39 @@ def test_shipped_configs_load(name):
 
     config = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / name)
     assert config.datasets
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    import numpy as np
+
+    from training.collate import LisaCollator
+    from training.data import SyntheticReasonSeg
+    from training.model import LisaForTraining, enable_gradient_checkpointing
+    from training.train import build_tiny
+
+    model, tokenizer = build_tiny({"seed": 0, "corpus": ["synthetic"]})
+    samples = [SyntheticReasonSeg("train", size=4).get(i, np.random.default_rng(i)) for i in range(2)]
+    batch = LisaCollator(tokenizer, model.config, 400)(samples)
+    module = LisaForTraining(model.train(), tokenizer)
+
+    def gradients():
+        model.zero_grad()
+        losses = module(batch)
+        losses["loss"].backward()
+        return float(losses["loss"].detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = gradients()
+    enable_gradient_checkpointing(model)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.language_model.modules())
+    checkpointed_loss, checkpointed = gradients()
+    assert checkpointed_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
+    rows_path = tmp_path / "bf16" / "metrics.jsonl"
+    Trainer(_config(tmp_path, "bf16", mixed_precision="bf16", max_steps=2, save_every=2)).run()
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(row["loss"]) for row in rows)

@@ -21,8 +21,6 @@ and loads like any other.
 from __future__ import annotations
 
 import re
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
@@ -154,9 +152,14 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def enable_gradient_checkpointing(model: LisaModel, enabled: Optional[bool] = True) -> None:
-    """Recompute the language model's activations in backward (the recipe trains with it on)."""
-    if enabled:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def enable_gradient_checkpointing(model: LisaModel) -> None:
+    """Recompute the language model's activations in backward (the recipe trains with it on).
+
+    transformers 5.24 names this activation checkpointing; older 5.x releases (e.g. 5.17 on the GPU
+    machines) only have the gradient_checkpointing_* name.
+    """
+    language_model = model.language_model
+    if hasattr(language_model, "activation_checkpointing_enable"):
+        language_model.activation_checkpointing_enable({"use_reentrant": False})
     else:
-        model.language_model.gradient_checkpointing_disable()
+        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

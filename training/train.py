@@ -77,17 +77,17 @@ def _merge_dicts(base: dict, overrides: dict) -> dict:
 
 def build_tiny(spec: dict) -> tuple[LisaModel, object]:
     """A random LISA from `tiny_model`: {seed, corpus: [names], config: LisaConfig.tiny() overrides,
-    seg_projection_gain}.
+    seg_projection_gain, embedding_gain}.
 
     The tokenizer is lisa_core.tiny's, trained on the named corpora (e.g. the synthetic benchmark's
     vocabulary); `config` overrides LisaConfig.tiny() field by field (nested dicts merge);
-    `seg_projection_gain` scales the initial output layer of text_hidden_fcs (default 1).
+    `seg_projection_gain` scales the initial output layer of text_hidden_fcs and `embedding_gain` the
+    initial token embeddings (both default 1: the plain initialisation).
     """
-    unknown = set(spec) - {"seed", "corpus", "config", "seg_projection_gain"}
+    known = {"seed", "corpus", "config", "seg_projection_gain", "embedding_gain"}
+    unknown = set(spec) - known
     if unknown:
-        raise ConfigurationError(
-            f"tiny_model accepts seed, corpus, config and seg_projection_gain; unknown: {sorted(unknown)}"
-        )
+        raise ConfigurationError(f"tiny_model accepts {sorted(known)}; unknown: {sorted(unknown)}")
     texts: list[str] = []
     for name in spec.get("corpus", ()):
         if name not in TOKENIZER_CORPORA:
@@ -106,13 +106,16 @@ def build_tiny(spec: dict) -> tuple[LisaModel, object]:
         model = LisaModel(config)
     finally:
         torch.random.set_rng_state(generator_state)
-    gain = float(spec.get("seg_projection_gain", 1.0))
-    if gain != 1.0:
+    with torch.no_grad():
         # SAM's own tokens start at N(0, 1); a default-initialised projection gives [SEG] prompts of RMS
         # ~0.25, too faint for a random mask decoder to notice, which stalls training from scratch.
-        with torch.no_grad():
-            model.text_hidden_fcs[0][2].weight.mul_(gain)
-            model.text_hidden_fcs[0][2].bias.mul_(gain)
+        seg_gain = float(spec.get("seg_projection_gain", 1.0))
+        model.text_hidden_fcs[0][2].weight.mul_(seg_gain)
+        model.text_hidden_fcs[0][2].bias.mul_(seg_gain)
+        # At Llama's init the state that predicts [SEG] is mostly the embedding of its own token (which
+        # varies with the answer template), not the query and image it should encode; smaller token
+        # embeddings let the context dominate from the first step.
+        model.language_model.get_input_embeddings().weight.mul_(float(spec.get("embedding_gain", 1.0)))
     return model, tokenizer
 
 

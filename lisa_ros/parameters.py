@@ -94,8 +94,8 @@ PARAMETERS = (
     ParameterSpec("max_query_chars", 2000, "Longer instructions are refused.", limits=(1, 1_000_000)),
     ParameterSpec("max_image_pixels", 4096 * 4096, "Larger frames are refused before conversion.",
                   limits=(1, 1_000_000_000)),
-    ParameterSpec("min_confidence", 0.0, "Targets whose SAM IoU prediction is lower are left out.",
-                  limits=(0.0, 1.0)),
+    ParameterSpec("min_confidence", 0.0, "Targets whose SAM IoU prediction is lower are left out; 0 keeps "
+                  "all (the prediction can be negative).", limits=(0.0, 1.0)),
     ParameterSpec("depth_max_offset", 0.05, "Seconds between a frame's stamp and the stamp of the depth "
                   "image used with it, at most.", limits=(0.0, 10.0)),
     ParameterSpec("tracking", False, "After an answer, keep publishing its targets' masks on new frames "

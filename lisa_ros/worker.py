@@ -308,7 +308,8 @@ class InferenceWorker:
         except Exception as error:  # the model failing on one query must not end the service
             self._log_error(f"model error on query {query.id}:\n{traceback.format_exc()}")
             return self._error(query, frame, f"model error: {type(error).__name__}: {error}")
-        result.targets = [t for t in result.targets if t.confidence >= settings.min_confidence]
+        if settings.min_confidence > 0:  # SAM's IoU prediction can be negative: 0 keeps every target
+            result.targets = [t for t in result.targets if t.confidence >= settings.min_confidence]
         with self._condition:
             if (settings.tracking and result.targets and query.image is None and not self._queue
                     and not self._stopping):

@@ -285,7 +285,9 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
 class Trainer:
     """Builds everything from a TrainConfig; `run()` trains to `max_steps` and returns the final losses."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, dataset: Optional[MixtureDataset] = None) -> None:
+        """`dataset` replaces the mixture built from `config.datasets` (a map-style dataset of Samples
+        with `set_epoch`, e.g. a MixtureDataset of custom sources)."""
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -312,9 +314,11 @@ class Trainer:
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.scheduler, self.state)
         self.collator = LisaCollator(self.tokenizer, model.config, config.max_length)
-        if not config.datasets:
-            raise ConfigurationError("no training data: add entries to `datasets` (see training.data)")
-        self.stream = SampleStream(build_mixture(config.datasets, config.epoch_samples, config.seed))
+        if dataset is None:
+            if not config.datasets:
+                raise ConfigurationError("no training data: add entries to `datasets` (see training.data)")
+            dataset = build_mixture(config.datasets, config.epoch_samples, config.seed)
+        self.stream = SampleStream(dataset)
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:

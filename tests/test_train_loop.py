@@ -179,7 +179,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one state per process; other tests in this session set mixed_precision="no".
+    AcceleratorState._reset_state(reset_partial_state=True)
     rows_path = tmp_path / "bf16" / "metrics.jsonl"
-    Trainer(_config(tmp_path, "bf16", mixed_precision="bf16", max_steps=2, save_every=2)).run()
+    try:
+        Trainer(_config(tmp_path, "bf16", mixed_precision="bf16", max_steps=2, save_every=2)).run()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(row["loss"]) for row in rows)

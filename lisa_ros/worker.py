@@ -205,6 +205,9 @@ class InferenceWorker:
         try:
             query.text = clean_query(query.text, self._settings.max_query_chars)
         except InputError as error:
+            # The outcome echoes at most max_query_chars of a refused text: results stay as small as an
+            # accepted query's (a 100 kB result held up every later one to a reader in the tests).
+            query.text = query.text[:self._settings.max_query_chars]
             self._deliver(self._error(query, None, str(error)))
             return
         dropped: Optional[Outcome] = None

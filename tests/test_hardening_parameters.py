@@ -1,0 +1,183 @@
+"""Hardening: bad parameters at start-up and at run time, models that cannot be loaded, a checkpoint
+whose pickle would run code. Real node processes (started together, each in its own namespace of one
+ROS domain) and real SetParameters calls from another node.
+
+What the node does, by design:
+- a parameter value that is wrong by itself (unknown device, unsupported precision, out of range, wrong
+  type) stops the start: exit code 2 and one line "[lisa_perception] cannot start: <reason>", no traceback;
+- a model that cannot be loaded (missing or corrupt folder, refused pickle, a device this machine lacks)
+  is found by the worker thread: the node stays up and says why on every channel it has: status
+  (`model_error`), the log ("model failed to load: ..."), and each query's error ("model not loaded: ...").
+"""
+
+import os
+import time
+
+import pytest
+
+from hardening_support import (end_process, error_reported, ros_session, set_parameters,
+                               start_perception_node, wait_for_status)
+
+REFUSED_AT_START = {
+    "unknown device": ({"device": "tpu"}, "device must be cpu, cuda or cuda:<index>; got 'tpu'"),
+    "unsupported precision": ({"precision": "fp64"}, "precision must be one of fp32, bf16, fp16; got 'fp64'"),
+    "queue size out of range": ({"queue_size": 0}, "queue_size"),
+    "rate out of range": ({"track_rate_hz": 1000.0}, "track_rate_hz"),
+    "wrong type": ({"max_image_age": "old"}, "max_image_age"),
+}
+MODEL_NOT_LOADED = ("missing folder", "corrupt folder", "pickle that runs code", "device without a GPU")
+
+
+class _CreatesFile:
+    """Unpickling this would create a file: code hidden in a checkpoint (torch.load without
+    weights_only runs it)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _pickle_checkpoint(folder, marker):
+    """A released-layout checkpoint (config.json, CLIP folder, .bin shards) with a code-running pickle
+    in one shard."""
+    import torch
+
+    from lisa_core.checkpoint import from_pretrained, save_official_layout
+    from lisa_core.tiny import save_tiny_checkpoint
+
+    model, tokenizer = from_pretrained(save_tiny_checkpoint(folder / "ours"))
+    official = save_official_layout(model, tokenizer, folder / "official", vision_tower_dir=folder / "clip",
+                                    shard_size=300_000)
+    shard = sorted(official.glob("pytorch_model-*.bin"))[0]
+    state = torch.load(shard, weights_only=True)
+    state["payload"] = _CreatesFile(str(marker))
+    torch.save(state, shard)
+    return official, shard
+
+
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory):
+    with ros_session(tmp_path_factory.mktemp("hardening_parameters")) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def nodes(ros):
+    """Every node of the module, started at once: {case: (process, log)}; 'good' has a working model."""
+    import torch
+
+    from lisa_core.tiny import save_tiny_checkpoint
+
+    tmp = ros["tmp"]
+    good_model = save_tiny_checkpoint(tmp / "good_model", answer="Sure, [SEG].")
+    corrupt = tmp / "corrupt_model"
+    corrupt.mkdir()
+    (corrupt / "lisa_config.json").write_text('{"language_model": {"hidden_size": ')
+    (corrupt / "model.safetensors").write_bytes(os.urandom(4096))
+    marker = tmp / "pickle_ran.txt"
+    pickled, shard = _pickle_checkpoint(tmp / "pickled", marker)
+    assert not marker.exists()
+    base = {"status_rate_hz": 2.0, "cpu_threads": 1, "depth_topic": ""}
+    cases = {case: {**base, **values} for case, (values, _) in REFUSED_AT_START.items()}
+    cases.update({
+        "missing folder": {**base, "model_path": str(tmp / "no_such_model")},
+        "corrupt folder": {**base, "model_path": str(corrupt)},
+        "pickle that runs code": {**base, "model_path": str(pickled)},
+        "good": {**base, "model_path": str(good_model), "max_image_age": 0.0},
+    })
+    if not torch.cuda.is_available():
+        cases["device without a GPU"] = {**base, "model_path": str(good_model), "device": "cuda"}
+    started = {case: start_perception_node(ros, parameters, namespace=_namespace(case))
+               for case, parameters in cases.items()}
+    yield dict(processes=started, marker=marker, shard=shard, corrupt=corrupt, missing=tmp / "no_such_model")
+    for process, _ in started.values():
+        end_process(process)
+
+
+def _namespace(case):
+    return "/" + case.replace(" ", "_")
+
+
+def _client(ros, case):
+    from lisa_ros.client import PerceptionClient
+
+    return PerceptionClient(ros["context"], namespace=_namespace(case), name="parameters_user")
+
+
+@pytest.mark.parametrize("case", list(REFUSED_AT_START))
+def test_a_bad_parameter_stops_the_start_with_exit_2_and_one_clear_line(nodes, case):
+    process, log = nodes["processes"][case]
+    _, reason = REFUSED_AT_START[case]
+    assert process.wait(60) == 2, log.read_text()
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if "cannot start:" in line]
+    assert len(lines) == 1 and lines[0].startswith("[lisa_perception] cannot start: ") and reason in lines[0], text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("case", MODEL_NOT_LOADED)
+def test_a_model_that_cannot_load_is_reported_and_every_query_says_why(ros, nodes, case):
+    if case not in nodes["processes"]:
+        pytest.skip("this machine has a CUDA GPU: device cuda loads")
+    expected = {
+        "missing folder": f"{nodes['missing']}",
+        "corrupt folder": "lisa_config.json: not readable JSON",
+        "pickle that runs code": f"{nodes['shard'].name}: refused to load: the pickle holds more than plain tensors",
+        "device without a GPU": "device 'cuda' requested but PyTorch sees no CUDA GPU",
+    }[case]
+    process, log = nodes["processes"][case]
+    client = _client(ros, case)
+    try:
+        status = client.wait_for_node(timeout_s=90)
+        assert not status["model_loaded"] and expected in status["model_error"], status
+        result = client.query("Where is the red box?")
+        assert not result.success and result.error.startswith("model not loaded: ") and expected in result.error
+        assert process.poll() is None, "the node stays up and keeps answering"
+    finally:
+        client.close()
+    text = log.read_text()
+    assert f"model failed to load: " in text and expected in text and "Traceback" not in text, text
+    assert not nodes["marker"].exists(), "the pickle's code ran"
+
+
+def test_run_time_values_out_of_range_are_refused_with_the_reason(ros, nodes):
+    from rcl_interfaces.srv import GetParameters
+
+    from node_support import scene
+
+    client = _client(ros, "good")
+    try:
+        assert client.wait_for_node(timeout_s=90)["model_loaded"]
+        node = _namespace("good") + "/lisa_perception"
+        refused = {
+            "queue_size": (0, "queue_size"), "max_image_age": (-1.0, "max_image_age"),
+            "min_confidence": (1.5, "min_confidence"), "track_rate_hz": (0.0, "track_rate_hz"),
+            "overflow_policy": ("drop_all", "overflow_policy must be one of drop_oldest, reject_new; got 'drop_all'"),
+            "device": ("cuda", "read-only"), "model_path": ("/elsewhere", "read-only"),
+        }
+        for name, (value, reason) in refused.items():
+            (result,) = set_parameters(client, node, **{name: value})
+            assert not result.successful and reason in result.reason, (name, result.reason)
+        (wrong_type,) = set_parameters(client, node, queue_size="many")
+        assert not wrong_type.successful and wrong_type.reason, "a string for an integer is refused"
+
+        service = client.node.create_client(GetParameters, f"{node}/get_parameters")
+        assert service.wait_for_service(timeout_sec=10)
+        future = service.call_async(GetParameters.Request(names=["queue_size", "overflow_policy", "device"]))
+        assert client.wait_for(future.done, 10)
+        values = future.result().values
+        assert (values[0].integer_value, values[1].string_value, values[2].string_value) == (4, "drop_oldest", "cpu")
+
+        (accepted,) = set_parameters(client, node, queue_size=8)
+        assert accepted.successful
+        assert client.wait_for(lambda: client.image_pub.get_subscription_count() > 0, 10)
+        for _ in range(3):
+            client.publish_frame(scene(0), time.time_ns())
+            time.sleep(0.05)
+        result = client.query("Where is the red box?")
+        assert result.success and result.answer == "Sure, [SEG].", result.error
+        assert wait_for_status(client, lambda s: s["queue_size"] == 8, 5) is not None
+    finally:
+        client.close()

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from hardening_support import (collect_every_result, end_process, keep_all_query_publisher, error_reported, new_results, ros_session, set_parameters,
-                               start_perception_node, wait_for_status)
+from hardening_support import (collect_every_result, end_process, error_reported, keep_all_query_publisher,
+                               new_results, ros_session, set_parameters, start_perception_node, wait_for_status)
 from node_support import CAMERA_CODE, K, scene, write_segmenting_model
 from ros_support import start_python, stop_process
 
@@ -120,7 +120,7 @@ def _bad_image(width=160, height=120, encoding="rgb8", step=None, size=None):
     size = height * step if size is None else size
     message = Image(width=width, height=height, encoding=encoding, step=step)
     message.header.stamp.sec = int(time.time())
-    message.data = bytes(size % 251 for size in range(size))
+    message.data = bytes(index % 251 for index in range(size))
     return message
 
 

@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from hardening_support import (end_process, error_reported, ros_session, set_parameters,
-                               start_perception_node, wait_for_status)
+from hardening_support import end_process, ros_session, set_parameters, start_perception_node, wait_for_status
 
 REFUSED_AT_START = {
     "unknown device": ({"device": "tpu"}, "device must be cpu, cuda or cuda:<index>; got 'tpu'"),
@@ -138,7 +137,7 @@ def test_a_model_that_cannot_load_is_reported_and_every_query_says_why(ros, node
     finally:
         client.close()
     text = log.read_text()
-    assert f"model failed to load: " in text and expected in text and "Traceback" not in text, text
+    assert "model failed to load: " in text and expected in text and "Traceback" not in text, text
     assert not nodes["marker"].exists(), "the pickle's code ran"
 
 

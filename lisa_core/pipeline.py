@@ -32,7 +32,13 @@ from lisa_core.generate import (
     generate_batch,
 )
 from lisa_core.model import LisaModel
-from lisa_core.preprocess import clip_preprocess, postprocess_masks, prepare_image, sam_preprocess
+from lisa_core.preprocess import (
+    check_aspect_ratio,
+    clip_preprocess,
+    postprocess_masks,
+    prepare_image,
+    sam_preprocess,
+)
 from lisa_core.prompt import PromptBuilder, Turn
 from lisa_core.result import SegmentationResult, Target
 
@@ -323,6 +329,7 @@ class LisaPipeline:
             stopwatch.lap("sam_encoder")
         clip_features = None
         if need_clip:
+            check_aspect_ratio(*image_size)
             clip_pixels = clip_preprocess(
                 image, size=self.config.vision_tower.image_size, device=self.device, resize_backend=self._resize_backend
             )

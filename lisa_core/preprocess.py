@@ -63,6 +63,21 @@ def prepare_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+# CLIP scales an image's short side up to its input size, so memory grows with the aspect ratio
+# (1x10000 px takes ~5 GB); real cameras stay far below this ratio.
+MAX_ASPECT_RATIO = 50
+
+
+def check_aspect_ratio(height: int, width: int) -> None:
+    """InputError if one side is more than MAX_ASPECT_RATIO times the other."""
+    short_side, long_side = sorted((int(height), int(width)))
+    if long_side > MAX_ASPECT_RATIO * short_side:
+        raise InputError(
+            f"{width}x{height}: one side is more than {MAX_ASPECT_RATIO} times the other "
+            "(the model scales the short side up to its input size)"
+        )
+
+
 def clip_resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     """(H, W) after the CLIP resize: the short side becomes `size`, the long side is floored.
 
@@ -194,6 +209,8 @@ __all__ = [
     "SAM_PIXEL_MEAN",
     "SAM_PIXEL_STD",
     "prepare_image",
+    "MAX_ASPECT_RATIO",
+    "check_aspect_ratio",
     "clip_resized_shape",
     "clip_preprocess",
     "sam_resized_shape",

@@ -43,6 +43,7 @@ from std_msgs.msg import Empty, Header, String
 
 from lisa_core.errors import InputError
 from lisa_core.overlay import draw_overlay
+from lisa_core.preprocess import check_aspect_ratio
 from lisa_core.result import Target
 from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, Intrinsics, depth_in_metres, target_point
 from lisa_ros.image_conv import cv2_to_imgmsg, imgmsg_to_cv2
@@ -55,9 +56,6 @@ from lisa_ros.worker import Frame, InferenceWorker, Outcome, Query, WorkerSettin
 
 NODE_NAME = "lisa_perception"
 COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
-# CLIP scales a frame's short side to 224 px, so its memory grows with the aspect ratio: 1x10000 px
-# takes ~5 GB. Real cameras stay far below this ratio.
-MAX_ASPECT_RATIO = 50
 DEPTH_BUFFER_LENGTH = 10  # recent depth images (as received) kept for pairing with frames by stamp
 SHUTDOWN_WORKER_WAIT_S = 1.0
 
@@ -206,10 +204,8 @@ class PerceptionNode(Node):
         pixels, limit = int(msg.width) * int(msg.height), self.get_parameter("max_image_pixels").value
         if pixels > limit:
             raise InputError(f"{msg.width}x{msg.height} is {pixels} pixels, more than max_image_pixels ({limit})")
-        short_side, long_side = sorted((int(msg.width), int(msg.height)))
-        if short_side > 0 and long_side > MAX_ASPECT_RATIO * short_side:
-            raise InputError(f"{msg.width}x{msg.height}: one side is more than {MAX_ASPECT_RATIO} times the "
-                             "other (the model scales the short side up to its input size)")
+        if msg.width and msg.height:  # zero sizes are refused by the conversion, with their own message
+            check_aspect_ratio(msg.height, msg.width)
         if msg.encoding not in COLOUR_ENCODINGS:
             raise InputError(f"encoding {msg.encoding!r} is not a colour or mono8 image "
                              f"(expected one of {', '.join(COLOUR_ENCODINGS)})")

@@ -200,3 +200,10 @@ def test_scripted_tiny_model_answers_with_seg(tmp_path):
         assert len(result.targets) == 1 and result.targets[0].mask.shape == (24, 36)
     with pytest.raises(ValueError, match="repeats a token"):
         save_tiny_checkpoint(tmp_path / "bad", answer="[SEG] and [SEG]")
+
+
+def test_extreme_aspect_ratio_is_refused_before_clip(pipe):
+    with pytest.raises(InputError, match="more than 50 times"):
+        pipe.segment(image(2, 400), "Segment the cup.")
+    assert len(pipe.segment(image(8, 400), "Segment the cup.").targets) == 2  # 50:1 is still accepted
+    assert pipe.track(image(2, 400), [torch.zeros(pipe.config.out_dim)])[0].mask.shape == (2, 400)  # SAM only

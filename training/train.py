@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -265,12 +266,16 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
-    steps = [row["step"] for row in rows]
+    steps = np.array([row["step"] for row in rows])
+    window = max(1, len(rows) // 50)  # moving average over ~2% of the run; raw values drawn faintly
     figure, axis = plt.subplots(figsize=(7, 4))
     for key in LOSS_KEYS:
-        axis.plot(steps, [row[key] for row in rows], label=key, linewidth=1.5 if key == "loss" else 1.0)
+        values = np.array([row[key] for row in rows])
+        line, = axis.plot(steps, values, alpha=0.15, linewidth=0.5)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        axis.plot(steps[window - 1:], smooth, color=line.get_color(), label=key, linewidth=1.5)
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("loss (weighted terms)")
+    axis.set_ylabel(f"loss (weighted terms), {window}-step average")
     axis.set_yscale("log")
     axis.grid(True, alpha=0.3)
     axis.legend()

@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   set everything up, then run the perception node on sample frames and instructions
 #   make test   set everything up, then run the whole test suite
-.PHONY: setup demo test bench-cpu clean
+.PHONY: setup demo test bench-cpu train-demo clean
 
 setup:
 	tools/setup.sh
@@ -14,6 +14,9 @@ test: setup
 
 bench-cpu: setup
 	tools/with_env.sh python bench/bench_core.py --preset tiny --device cpu
+
+train-demo: setup
+	tools/with_env.sh python -m training.demo --threads 1
 
 clean:
 	rm -rf build install log .stamps

@@ -4,34 +4,11 @@ process, parameters set through the node's own SetParameters service, and waitin
 
 from __future__ import annotations
 
-import contextlib
 import time
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
-from ros_support import child_env, reserved_domain_id
 
 NODE_NAME = "lisa_perception"
-
-
-@contextlib.contextmanager
-def ros_session(tmp: Path) -> Iterator[dict]:
-    """A ROS domain of its own, an environment for child processes, and rclpy in this process on it."""
-    import pytest
-    import rclpy
-    from rclpy.context import Context
-
-    log_dir = tmp / "ros_log"
-    log_dir.mkdir()
-    with pytest.MonkeyPatch.context() as patch, reserved_domain_id() as domain_id:
-        patch.setenv("ROS_LOG_DIR", str(log_dir))
-        patch.setenv("ROS_DOMAIN_ID", str(domain_id))
-        context = Context()
-        rclpy.init(context=context, domain_id=domain_id)
-        try:
-            yield dict(tmp=tmp, env=child_env(domain_id, log_dir), context=context)
-        finally:
-            context.try_shutdown()
 
 
 def start_perception_node(ros: dict, parameters: dict, name: str = NODE_NAME, namespace: str = "",

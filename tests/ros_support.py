@@ -176,3 +176,22 @@ def wait_for_publishers(node, topic: str, count: int = 1, timeout_s: float = 20.
     if not wait_until(lambda: node.count_publishers(topic) >= count, timeout_s):
         raise TimeoutError(f"{topic}: {node.count_publishers(topic)} of {count} publishers "
                            f"discovered after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def ros_session(tmp: Path) -> Iterator[dict]:
+    """A ROS domain of its own, an environment for child processes, and rclpy in this process on it."""
+    import rclpy
+    from rclpy.context import Context
+
+    log_dir = tmp / "ros_log"
+    log_dir.mkdir()
+    with pytest.MonkeyPatch.context() as patch, reserved_domain_id() as domain_id:
+        patch.setenv("ROS_LOG_DIR", str(log_dir))
+        patch.setenv("ROS_DOMAIN_ID", str(domain_id))
+        context = Context()
+        rclpy.init(context=context, domain_id=domain_id)
+        try:
+            yield dict(tmp=tmp, env=child_env(domain_id, log_dir), context=context)
+        finally:
+            context.try_shutdown()

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from hardening_support import (collect_every_result, end_process, error_reported, keep_all_query_publisher,
-                               new_results, ros_session, set_parameters, start_perception_node, wait_for_status)
+                               new_results, set_parameters, start_perception_node, wait_for_status)
 from node_support import CAMERA_CODE, K, scene, write_segmenting_model
-from ros_support import start_python, stop_process
+from ros_support import ros_session, start_python, stop_process
 
 MAX_NEW_TOKENS = 2  # the test model answers '[SEG][SEG]'
 IMAGE_TOPIC = "/camera/image_raw"

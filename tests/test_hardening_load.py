@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from hardening_support import (collect_every_result, end_process, keep_all_query_publisher, ros_session,
+from hardening_support import (collect_every_result, end_process, keep_all_query_publisher,
                                set_parameters, start_perception_node)
-from ros_support import start_python, stop_process
+from ros_support import ros_session, start_python, stop_process
 
 STREAM_S = float(os.environ.get("LISA_HARDENING_STREAM_S", "20"))
 QUEUE_SIZE = 4

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from hardening_support import end_process, ros_session, set_parameters, start_perception_node, wait_for_status
+from hardening_support import end_process, set_parameters, start_perception_node, wait_for_status
+from ros_support import ros_session
 
 REFUSED_AT_START = {
     "unknown device": ({"device": "tpu"}, "device must be cpu, cuda or cuda:<index>; got 'tpu'"),

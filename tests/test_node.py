@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from node_support import CAMERA_CODE, FRAME_ID, scene, write_segmenting_model
-from ros_support import child_env, reserved_domain_id, start_python, stop_process
+from ros_support import ros_session, start_python, stop_process
 
 MAX_NEW_TOKENS = 2  # the test model answers '[SEG][SEG]': two targets
 CAMERA_RATE_HZ = 5.0  # slow enough that a loaded 2-core machine keeps up with tracking
@@ -21,22 +21,8 @@ CAMERA_RATE_HZ = 5.0  # slow enough that a loaded 2-core machine keeps up with t
 
 @pytest.fixture(scope="module")
 def ros(tmp_path_factory):
-    """A ROS domain, environment and log folder for the module; rclpy in this process on it."""
-    import rclpy
-    from rclpy.context import Context
-
-    tmp = tmp_path_factory.mktemp("node")
-    log_dir = tmp / "ros_log"
-    log_dir.mkdir()
-    with pytest.MonkeyPatch.context() as patch, reserved_domain_id() as domain_id:
-        patch.setenv("ROS_LOG_DIR", str(log_dir))
-        patch.setenv("ROS_DOMAIN_ID", str(domain_id))
-        context = Context()
-        rclpy.init(context=context, domain_id=domain_id)
-        try:
-            yield dict(tmp=tmp, env=child_env(domain_id, log_dir), context=context)
-        finally:
-            context.try_shutdown()
+    with ros_session(tmp_path_factory.mktemp("node")) as session:
+        yield session
 
 
 @pytest.fixture(scope="module")

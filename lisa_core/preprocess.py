@@ -103,6 +103,13 @@ def _resize_on_device(image_rgb: np.ndarray, new_hw: tuple[int, int], mode: str,
     return resized[0].clamp_(0, 255).round_()
 
 
+def _normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(pixels - mean) / std per channel of a float32 (3, h, w) tensor."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels - mean_t) / std_t
+
+
 def _check_backend(resize_backend: str) -> None:
     if resize_backend not in RESIZE_BACKENDS:
         raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
@@ -134,9 +141,7 @@ def clip_preprocess(
         # Rescale in float64 then store float32, as the reference processor does.
         pixels = torch.from_numpy(cropped.astype(np.float64) * (1.0 / 255.0)).to(torch.float32)
         pixels = pixels.permute(2, 0, 1).to(device)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    return ((pixels - mean_t) / std_t).contiguous()
+    return _normalise(pixels, mean, std).contiguous()
 
 
 def sam_resized_shape(height: int, width: int, size: int = 1024) -> tuple[int, int]:
@@ -169,9 +174,7 @@ def sam_preprocess(
     else:
         resized = np.array(Image.fromarray(image_rgb).resize((new_w, new_h), resample=Image.BILINEAR))
         pixels = torch.from_numpy(resized).to(device).permute(2, 0, 1).to(torch.float32)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    pixels = (pixels - mean_t) / std_t
+    pixels = _normalise(pixels, mean, std)
     pixels = F.pad(pixels, (0, size - new_w, 0, size - new_h))
     return pixels.contiguous(), (new_h, new_w)
 

@@ -16,7 +16,7 @@ bench-cpu: setup
 	tools/with_env.sh python bench/bench_core.py --preset tiny --device cpu
 
 train-demo: setup
-	tools/with_env.sh python -m training.demo --threads 1
+	tools/with_env.sh python -m training.demo
 
 clean:
 	rm -rf build install log .stamps

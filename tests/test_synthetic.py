@@ -213,14 +213,39 @@ def test_training_samples_use_templates_and_explanations():
                 assert answer in templates.ANSWER_TEMPLATES
 
 
+def test_explained_answers():
+    dataset = SyntheticReasonSeg("train", seed=0, size=60, answers="explained")
+    seen_multi = seen_absent = False
+    for index in range(60):
+        sample = dataset.get(index, np.random.default_rng(index))
+        scene = dataset.scene(index)
+        queries = {q.text: q for q in scene.queries}
+        masks = iter(sample.masks)
+        for ((question, answer),), text in zip(sample.conversations, sample.meta["queries"]):
+            query = queries[text]
+            assert "explain" not in question and text.lower().rstrip("?.") in question.lower()
+            assert all(np.array_equal(next(masks), scene.masks[i]) for i in query.targets)
+            count = len(query.targets)
+            if count == 0:
+                assert answer == ABSENT_ANSWER
+                seen_absent = True
+                continue
+            seen_multi |= count > 1
+            segs = "[SEG]." if count == 1 else ", ".join(["[SEG]"] * (count - 1)) + " and [SEG]."
+            assert answer == f"{segs} {query.explanation}" and query.explanation[0].isupper()
+    assert seen_multi and seen_absent
+    with pytest.raises(InputError, match="answers must be one of"):
+        SyntheticReasonSeg(answers="short")
+
+
 def test_corpus_covers_every_generated_word():
     vocabulary = {w for sentence in corpus() for w in WORD.findall(sentence)}
     assert len(vocabulary) < 150  # small enough for a word-level tokenizer
     rng = np.random.default_rng(0)
     seen = set()
     for split in ("train", "test"):
-        for rate in (0.0, 1.0):
-            dataset = SyntheticReasonSeg(split, seed=3, size=150, explanatory_rate=rate)
+        for rate, answers in ((0.0, "explained"), (1.0, "templates")):
+            dataset = SyntheticReasonSeg(split, seed=3, size=150, explanatory_rate=rate, answers=answers)
             for index in range(len(dataset)):
                 for sample in (dataset.get(index, rng), dataset.eval_sample(index)):
                     for conversation in sample.conversations:

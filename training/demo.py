@@ -6,7 +6,8 @@ Steps:
 1. `training.train` with the demo config: a small LISA built from random weights (lisa_core's tiny
    tokenizer trained on the synthetic benchmark's vocabulary, a few-layer Llama, a small CLIP and SAM
    at 128 px), fully fine-tuned (`finetune: full`: LoRA cannot teach a random network) on the synthetic
-   reasoning benchmark (training.data.synthetic) with its canonical answers (CanonicalAnswers);
+   reasoning benchmark (training.data.synthetic) with explained answers ("[SEG]. <explanation>"; the
+   config says why);
 2. export of the final weights to `--out` in lisa_core's format (what the node loads by default);
 3. `training.evaluate` on the benchmark's test split (compositions never seen in training) and val
    split, in generation mode (what users get) and the official forced-"[SEG]." mode;
@@ -31,48 +32,10 @@ from typing import Optional
 import torch
 
 from training.config import add_config_arguments, load_config
-from training.data import Sample, SampleSource, build_sources
-from training.data.mixing import MixtureDataset
-from training.data.synthetic import join_segs
 from training.evaluate import evaluate, format_table, load_split
 from training.train import Trainer
 
 DEFAULT_CONFIG = "training/configs/demo.yaml"
-
-
-class CanonicalAnswers:
-    """A source whose answers are the benchmark's canonical ones: "[SEG].", "[SEG] and [SEG]." (one
-    [SEG] per target) or the absent answer, instead of LISA's five random answer templates.
-
-    Why the demo needs it: with random templates, the hidden state that predicts [SEG] is the one that
-    also has to guess which template comes next; in a language model trained from scratch that guess
-    dominates the state (measured on a 1500-step run: 90% of the [SEG] embedding's variance followed the
-    template, none the target), so SAM receives no usable prompt. Questions keep their templates; use
-    the source with explanatory_rate 0 (an explanation request needs the explained answer).
-    """
-
-    def __init__(self, source: SampleSource) -> None:
-        self.source = source
-        self.name = source.name
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def get(self, index: int, rng) -> Sample:
-        sample = self.source.get(index, rng)
-        conversations = [
-            [(question, f"{join_segs(answer.count('[SEG]'))}." if "[SEG]" in answer else answer)
-             for question, answer in conversation]
-            for conversation in sample.conversations
-        ]
-        return Sample(sample.image, conversations, sample.masks, sample.source, sample.meta)
-
-
-def demo_dataset(config) -> MixtureDataset:
-    """The config's data sources with canonical answers, mixed as training.data.build_mixture does."""
-    sources, ratios = build_sources(config.datasets)
-    wrapped = {name: CanonicalAnswers(source) for name, source in sources.items()}
-    return MixtureDataset(wrapped, ratios, config.epoch_samples, config.seed)
 
 
 def machine_description(threads: int) -> str:
@@ -145,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     config.export_dir = str(out)
 
     started = time.time()
-    Trainer(config, dataset=demo_dataset(config)).run()
+    Trainer(config).run()
     train_seconds = time.time() - started
     threads = torch.get_num_threads()
 

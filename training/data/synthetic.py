@@ -86,6 +86,10 @@ RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": 
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 MULTI_ANSWER_TEMPLATES = ("Sure, {segs}.", "Sure, they are {segs}.", "They are {segs}.", "{segs}.")
 ABSENT_ANSWER = "There is no such object in the image."
+# "templates": LISA's answer templates, explanatory with `explanatory_rate`; "explained": every
+# answer is the bare [SEG]s then the explanation ("[SEG]. The red circle would roll because it is
+# round."), the question plain. Absent targets get ABSENT_ANSWER in both.
+ANSWER_STYLES = ("templates", "explained")
 KINDS = ("attribute", "size", "relation", "function", "multiple", "absent")
 KIND_WEIGHTS = {"attribute": 1.0, "size": 1.0, "relation": 1.5, "function": 1.5, "multiple": 1.0, "absent": 0.5}
 SIZE_MARGIN = 1.3  # the largest/smallest must beat the runner-up by this area ratio
@@ -181,6 +185,7 @@ class SyntheticReasonSeg:
         explanatory_rate: float = templates.EXPLANATORY_RATE,
         queries_per_image: int = templates.QUERIES_PER_IMAGE,
         kinds: Sequence[str] = KINDS,
+        answers: str = "templates",
     ):
         if split not in SPLITS:
             raise InputError(f"synthetic split must be one of {list(SPLITS)}, got {split!r}")
@@ -191,6 +196,8 @@ class SyntheticReasonSeg:
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown or not kinds:
             raise InputError(f"kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
+        if answers not in ANSWER_STYLES:
+            raise InputError(f"answers must be one of {ANSWER_STYLES}, got {answers!r}")
         self.split = split
         self.seed = seed
         self.size = DEFAULT_SIZES[split] if size is None else size
@@ -199,6 +206,7 @@ class SyntheticReasonSeg:
         self.explanatory_rate = explanatory_rate
         self.queries_per_image = queries_per_image
         self.kinds = tuple(kinds)
+        self.answers = answers
 
     def __len__(self) -> int:
         return self.size
@@ -284,6 +292,9 @@ class SyntheticReasonSeg:
     def _turn(self, query: Query, rng: np.random.Generator) -> tuple[str, str]:
         if not query.targets:
             return templates.segmentation_question(query.text, query.is_sentence, rng), ABSENT_ANSWER
+        if self.answers == "explained":
+            question = templates.segmentation_question(query.text, query.is_sentence, rng)
+            return question, f"{join_segs(len(query.targets))}. {query.explanation}"
         if len(query.targets) == 1:
             answer = templates.segmentation_answer(rng)
         else:

@@ -24,6 +24,8 @@ and ABSENT_ANSWER with no [SEG] when nothing matches. With probability `explanat
 query with a target is asked with an explanatory suffix ("... Please output segmentation mask and
 explain why.") and answered with a reason after the [SEG]s ("Sure, [SEG]. The red circle would roll
 because it is round.").
+`answers="explained"` instead answers every query with a target by the bare [SEG]s and the explanation
+("[SEG]. The red circle would roll because it is round.") and asks it plainly: the demo model's recipe.
 
 `kinds` restricts the query kinds (all six by default), e.g. for an easier demo task.
 

@@ -24,8 +24,9 @@ and ABSENT_ANSWER with no [SEG] when nothing matches. With probability `explanat
 query with a target is asked with an explanatory suffix ("... Please output segmentation mask and
 explain why.") and answered with a reason after the [SEG]s ("Sure, [SEG]. The red circle would roll
 because it is round.").
-`answers="explained"` instead answers every query with a target by the bare [SEG]s and the explanation
-("[SEG]. The red circle would roll because it is round.") and asks it plainly: the demo model's recipe.
+`answers="explained"` (instead of "templates") answers every query with a target by the bare [SEG]s and
+the explanation ("[SEG]. The red circle would roll because it is round.") and asks it plainly: the demo
+model's recipe. Absent targets get ABSENT_ANSWER either way.
 
 `kinds` restricts the query kinds (all six by default), e.g. for an easier demo task.
 
@@ -88,9 +89,6 @@ RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": 
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 MULTI_ANSWER_TEMPLATES = ("Sure, {segs}.", "Sure, they are {segs}.", "They are {segs}.", "{segs}.")
 ABSENT_ANSWER = "There is no such object in the image."
-# "templates": LISA's answer templates, explanatory with `explanatory_rate`; "explained": every
-# answer is the bare [SEG]s then the explanation ("[SEG]. The red circle would roll because it is
-# round."), the question plain. Absent targets get ABSENT_ANSWER in both.
 ANSWER_STYLES = ("templates", "explained")
 KINDS = ("attribute", "size", "relation", "function", "multiple", "absent")
 KIND_WEIGHTS = {"attribute": 1.0, "size": 1.0, "relation": 1.5, "function": 1.5, "multiple": 1.0, "absent": 0.5}

@@ -35,6 +35,7 @@ import rclpy
 from geometry_msgs.msg import Point, PointStamped
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.task import Future
@@ -58,6 +59,9 @@ NODE_NAME = "lisa_perception"
 COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 DEPTH_BUFFER_LENGTH = 10  # recent depth images (as received) kept for pairing with frames by stamp
 SHUTDOWN_WORKER_WAIT_S = 1.0
+# The process exits right after close(): results still in flight (a frame-sized mask takes a while)
+# would be lost, and with them a query's only outcome.
+SHUTDOWN_DELIVERY_WAIT_S = 0.5
 
 
 def _stamp_ns(header: Header) -> int:
@@ -421,3 +425,5 @@ class PerceptionNode(Node):
         if not self._worker.stop(SHUTDOWN_WORKER_WAIT_S):
             self.get_logger().warning("inference still running at shutdown: abandoned")
         self._publish_status("stopped")
+        if not self._result_pub.wait_for_all_acked(Duration(seconds=SHUTDOWN_DELIVERY_WAIT_S)):
+            self.get_logger().warning("results not acknowledged by every subscriber at shutdown")

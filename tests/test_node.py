@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from hardening_support import end_process, start_perception_node
 from node_support import CAMERA_CODE, FRAME_ID, scene, write_segmenting_model
 from ros_support import ros_session, start_python, stop_process
 
@@ -27,17 +28,12 @@ def ros(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def node(ros):
-    from lisa_ros.process import node_command, start_node
-
     model = write_segmenting_model(ros["tmp"] / "segmenting_model")
-    parameters = {"model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS, "track_rate_hz": 30.0,
-                  "max_image_age": 10.0, "status_rate_hz": 2.0, "cpu_threads": 1}
-    command = node_command([parameters], ros["tmp"])
-    process = start_node(command, ros["env"], ros["tmp"] / "node.log")
-    yield dict(process=process, log=ros["tmp"] / "node.log")
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    process, log = start_perception_node(ros, {
+        "model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS, "track_rate_hz": 30.0,
+        "max_image_age": 10.0, "status_rate_hz": 2.0, "cpu_threads": 1})
+    yield dict(process=process, log=log)
+    end_process(process)
 
 
 @pytest.fixture(scope="module")
@@ -266,11 +262,7 @@ def test_bad_image_is_reported_and_the_node_keeps_serving(ros, client, camera):
 
 
 def test_signal_during_start_up_ends_the_node_cleanly(ros):
-    from lisa_ros.process import node_command, start_node
-
-    log = ros["tmp"] / "early_stop.log"
-    process = start_node(node_command([{"model_path": str(ros["tmp"] / "missing")}], ros["tmp"], name="early"),
-                         ros["env"], log)
+    process, log = start_perception_node(ros, {"model_path": str(ros["tmp"] / "missing")}, name="early")
     time.sleep(0.3)  # still importing torch and rclpy
     os.kill(process.pid, signal.SIGINT)
     assert process.wait(30) == 0, log.read_text()

@@ -1,13 +1,14 @@
 """Train, export and measure the demo model shipped in models/demo/, with one command.
 
-    python -m training.demo [--config training/configs/demo.yaml] [--out models/demo] [--threads N]
+    python -m training.demo [--config training/configs/demo.yaml] [--out models/demo] [--processes N] [--threads N]
 
 Steps:
-1. `training.train` with the demo config: a small LISA built from random weights (lisa_core's tiny
-   tokenizer trained on the synthetic benchmark's vocabulary, a few-layer Llama, a small CLIP and SAM
-   at 128 px), fully fine-tuned (`finetune: full`: LoRA cannot teach a random network) on the synthetic
-   reasoning benchmark (training.data.synthetic) with explained answers ("[SEG]. <explanation>"; the
-   config says why);
+1. `training.train` with the demo config, on `--processes` local DDP workers (each on the config's
+   `num_threads`; 1, the default, trains in this process): a small LISA
+   built from random weights (lisa_core's tiny tokenizer trained on the synthetic benchmark's
+   vocabulary, a few-layer Llama, a small CLIP and SAM at 128 px), fully fine-tuned (`finetune: full`:
+   LoRA cannot teach a random network) on the synthetic reasoning benchmark (training.data.synthetic)
+   with explained answers ("[SEG]. <explanation>"; the config says why);
 2. export of the final weights to `--out` in lisa_core's format (what the node loads by default);
 3. `training.evaluate` on the benchmark's test split (compositions never seen in training) and val
    split, in generation mode (what users get) and the official forced-"[SEG]." mode;
@@ -33,12 +34,14 @@ import torch
 
 from training.config import add_config_arguments, load_config
 from training.evaluate import evaluate, format_table, load_split
+from training.launch import run_processes
 from training.train import Trainer
 
 DEFAULT_CONFIG = "training/configs/demo.yaml"
+DEFAULT_PROCESSES = 1
 
 
-def machine_description(threads: int) -> str:
+def machine_description(processes: int, threads: int) -> str:
     try:
         import psutil
 
@@ -47,7 +50,7 @@ def machine_description(threads: int) -> str:
         memory = ""
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{memory}, "
-        f"torch {torch.__version__} on {threads} thread(s), Python {platform.python_version()}"
+        f"torch {torch.__version__}, {processes} process(es) x {threads} thread(s), Python {platform.python_version()}"
     )
 
 
@@ -96,21 +99,32 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description="Train, export and evaluate the demo model.")
     add_config_arguments(parser)
     parser.add_argument("--out", default="models/demo", help="folder of the shipped model")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
+    parser.add_argument(
+        "--processes", type=int, default=DEFAULT_PROCESSES,
+        help=f"DDP workers on this machine (default {DEFAULT_PROCESSES}: the shipped model's; 1 = no DDP)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: the config's)")
     parser.add_argument("--eval-size", type=int, default=None, help="scenes per evaluated split (default: all)")
     args = parser.parse_args(argv)
     config_path = args.config or DEFAULT_CONFIG
     overrides = list(args.overrides)
     if args.threads is not None:
         overrides.append(f"num_threads={args.threads}")
-    config = load_config(config_path, overrides)
     out = Path(args.out)
-    config.export_dir = str(out)
+    overrides.append(f"export_dir={out}")
+    config = load_config(config_path, overrides)
 
     started = time.time()
-    Trainer(config).run()
+    if args.processes == 1:
+        Trainer(config).run()
+    else:
+        run_processes(
+            args.processes,
+            ["--config", config_path, *(arg for item in overrides for arg in ("--set", item))],
+            threads=config.num_threads,
+        )
     train_seconds = time.time() - started
-    threads = torch.get_num_threads()
+    threads = config.num_threads or torch.get_num_threads()
 
     from lisa_core.pipeline import LisaPipeline
 
@@ -132,9 +146,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         shutil.copyfile(curve, out / "loss_curve.png")
     command = "python -m training.demo" + (f" --config {args.config}" if args.config else "") + "".join(
         f" --set {item}" for item in args.overrides
-    ) + (f" --threads {args.threads}" if args.threads is not None else "")
+    ) + (f" --processes {args.processes}" if args.processes != DEFAULT_PROCESSES else "") + (
+        f" --threads {args.threads}" if args.threads is not None else ""
+    )
     (out / "RESULTS.md").write_text(
-        results_markdown(command, train_seconds, machine_description(threads), report, config_path)
+        results_markdown(command, train_seconds, machine_description(args.processes, threads), report, config_path)
     )
     print(format_table(report["splits"]))
     return report

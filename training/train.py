@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -213,7 +214,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accumulation,
-        cpu=config.cpu,
+        # accelerate joins a torchrun group on CPUs only when told to use the CPU; without a GPU it would
+        # otherwise run every worker as an independent single process, all writing the same output_dir.
+        cpu=config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1),
         deepspeed_plugin=plugin,
         # Batches whose answers hold no [SEG] leave SAM's decoder unused on that process.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],

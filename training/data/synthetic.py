@@ -22,12 +22,11 @@ Answers: one [SEG] per target, targets ordered left to right (then top to bottom
 LISA's answer templates for one target ("Sure, [SEG]."), "Sure, [SEG] and [SEG]." style for several,
 and ABSENT_ANSWER with no [SEG] when nothing matches. With probability `explanatory_rate` (0.1) a
 query with a target is asked with an explanatory suffix ("... Please output segmentation mask and
-explain why.") and answered with the explanation after the [SEG]s: where each target is on a 3 x 3 grid,
-in [SEG] order, then why it answers the query ("Sure, [SEG]. It is at the top left. The red circle would
-roll because it is round.").
+explain why.") and answered with a reason after the [SEG]s ("Sure, [SEG]. The red circle would roll
+because it is round.").
 `answers="explained"` (instead of "templates") answers every query with a target by the bare [SEG]s and
-the explanation ("[SEG]. It is at the top left. The red circle would roll because it is round.") and
-asks it plainly: the demo model's recipe. Absent targets get ABSENT_ANSWER either way.
+the explanation ("[SEG]. The red circle would roll because it is round.") and asks it plainly: the demo
+model's recipe. Absent targets get ABSENT_ANSWER either way.
 
 `kinds` restricts the query kinds (all six by default), e.g. for an easier demo task.
 
@@ -90,8 +89,6 @@ RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": 
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 MULTI_ANSWER_TEMPLATES = ("Sure, {segs}.", "Sure, they are {segs}.", "They are {segs}.", "{segs}.")
 ABSENT_ANSWER = "There is no such object in the image."
-GRID_ROWS = ("top", "middle", "bottom")
-GRID_COLUMNS = ("left", "centre", "right")
 ANSWER_STYLES = ("templates", "explained")
 KINDS = ("attribute", "size", "relation", "function", "multiple", "absent")
 KIND_WEIGHTS = {"attribute": 1.0, "size": 1.0, "relation": 1.5, "function": 1.5, "multiple": 1.0, "absent": 0.5}
@@ -136,25 +133,9 @@ def plural(shape: str) -> str:
     return shape + "s"
 
 
-def join_phrases(phrases: Sequence[str]) -> str:
-    """"a", "a and b", "a, b and c"."""
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-
-
-def grid_cell(obj: SceneObject, image_size: int) -> str:
-    """Where the object's centre lies on a 3 x 3 grid: "top left", "middle centre", "bottom right"..."""
-    column, row = (min(2, int(3 * coordinate / image_size)) for coordinate in obj.centre)
-    return f"{GRID_ROWS[row]} {GRID_COLUMNS[column]}"
-
-
-def location_sentence(objects: list[SceneObject], targets: Sequence[int], image_size: int) -> str:
-    """ "It is at the top left." / "They are at the top left and the bottom right." (targets in [SEG] order)."""
-    cells = join_phrases([f"the {grid_cell(objects[i], image_size)}" for i in targets])
-    return f"It is at {cells}." if len(targets) == 1 else f"They are at {cells}."
-
-
 def join_segs(count: int) -> str:
-    return join_phrases(["[SEG]"] * count)
+    segs = ["[SEG]"] * count
+    return segs[0] if count == 1 else ", ".join(segs[:-1]) + " and " + segs[-1]
 
 
 def object_polygon(obj: SceneObject) -> Optional[np.ndarray]:
@@ -308,17 +289,12 @@ class SyntheticReasonSeg:
             remaining.remove(query)
         return chosen
 
-    def explanation(self, query: Query, objects: list[SceneObject]) -> str:
-        """Where the targets are, then why they answer the query: "It is at the top left. The red circle
-        would roll because it is round." """
-        return f"{location_sentence(objects, query.targets, self.image_size)} {query.explanation}"
-
-    def _turn(self, query: Query, objects: list[SceneObject], rng: np.random.Generator) -> tuple[str, str]:
+    def _turn(self, query: Query, rng: np.random.Generator) -> tuple[str, str]:
         if not query.targets:
             return templates.segmentation_question(query.text, query.is_sentence, rng), ABSENT_ANSWER
         if self.answers == "explained":
             question = templates.segmentation_question(query.text, query.is_sentence, rng)
-            return question, f"{join_segs(len(query.targets))}. {self.explanation(query, objects)}"
+            return question, f"{join_segs(len(query.targets))}. {query.explanation}"
         if len(query.targets) == 1:
             answer = templates.segmentation_answer(rng)
         else:
@@ -326,7 +302,7 @@ class SyntheticReasonSeg:
         if rng.random() < self.explanatory_rate:
             asked = query.text if query.is_sentence else f"Where is the {query.text}?"
             question = f"{asked} {templates.choose(templates.EXPLANATORY_QUESTION_SUFFIXES, rng)}"
-            return question, f"{answer} {self.explanation(query, objects)}"
+            return question, f"{answer} {query.explanation}"
         return templates.segmentation_question(query.text, query.is_sentence, rng), answer
 
     def get(self, index: int, rng: np.random.Generator) -> Sample:
@@ -334,7 +310,7 @@ class SyntheticReasonSeg:
         queries = self._draw_queries(scene.queries, rng, self.queries_per_image)
         conversations, masks = [], []
         for query in queries:
-            conversations.append([self._turn(query, scene.objects, rng)])
+            conversations.append([self._turn(query, rng)])
             masks.extend(scene.masks[i].copy() for i in query.targets)
         meta = {"kinds": [q.kind for q in queries], "queries": [q.text for q in queries], "split": self.split}
         return Sample(scene.image, conversations, masks, self.name, meta)
@@ -517,8 +493,6 @@ def corpus() -> list[str]:
     sentences = list(templates.template_corpus())
     sentences += list(MULTI_ANSWER_TEMPLATES) + [ABSENT_ANSWER, join_segs(3) + "."]
     sentences.append(" ".join(NUMBER_WORDS.values()))
-    sentences.append(f"It is at the {', the '.join(f'{r} {c}' for r in GRID_ROWS for c in GRID_COLUMNS)}.")
-    sentences.append("They are at the")
     colours, shapes = list(COLOURS), list(SHAPES)
     sentences.append("Where is the")
     for colour in colours:

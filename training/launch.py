@@ -24,24 +24,22 @@ def free_local_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(processes: int, train_args: Sequence[str], module: str = "training.train") -> list[str]:
-    """The command that runs `python -m module train_args` as `processes` DDP workers on this machine."""
+def torchrun_command(processes: int, train_args: Sequence[str]) -> list[str]:
+    """The command that runs `python -m training.train train_args` as `processes` DDP workers here."""
     if processes < 1:
         raise ConfigurationError(f"processes must be at least 1, got {processes}")
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
         "--master_addr", "127.0.0.1", "--master_port", str(free_local_port()),
-        "-m", module, *train_args,
+        "-m", "training.train", *train_args,
     ]
 
 
-def run_processes(
-    processes: int, train_args: Sequence[str], threads: Optional[int] = None, cwd: Optional[str] = None
-) -> None:
+def run_processes(processes: int, train_args: Sequence[str], threads: Optional[int] = None) -> None:
     """Run `training.train train_args` on `processes` local workers and wait; raise if any worker fails."""
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run(torchrun_command(processes, train_args), env=env, cwd=cwd)
+    done = subprocess.run(torchrun_command(processes, train_args), env=env)
     if done.returncode != 0:
         raise RuntimeError(f"training on {processes} processes failed (exit status {done.returncode})")

@@ -7,7 +7,7 @@ import torch
 from lisa_core.errors import InputError
 from lisa_core.model import IMAGE_PLACEHOLDER_ID
 from lisa_core.pipeline import LisaPipeline
-from lisa_core.prompt import Turn, build_prompt, tokenize_with_image
+from lisa_core.prompt import SYSTEM_PROMPT, Turn, build_prompt, tokenize_with_image
 from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
 from training.collate import IGNORE_INDEX, LisaCollator
 from training.config import TrainConfig
@@ -55,6 +55,12 @@ def _two_samples():
     mask[0, 0] = 255  # ignored label: background for the loss
     second = Sample(_image(50, 30, 1), [[("red shape", "It is [SEG].")]], [mask], "reason_seg")
     return first, second
+
+
+def test_tiny_tokenizer_spells_the_conversation_frame_in_whole_words(tokenizer):
+    # Every training row starts with the frame; spelled in pieces it was most of a row's text tokens.
+    frame_tokens = tokenizer(SYSTEM_PROMPT, add_special_tokens=False).input_ids
+    assert len(frame_tokens) <= len(SYSTEM_PROMPT.split())
 
 
 def test_conversation_tokens_match_inference_prompt_and_labels_cover_answers_only(tokenizer, model):

@@ -57,7 +57,8 @@ def test_segment_odd_images(pipe, shape):
     assert result.union_mask.shape == shape[:2]
     assert STAGES <= set(result.timings)
     assert result.output_ids[-1] == pipe.eos_token_id and len(result.output_ids) == 6
-    assert result.answer.count("[SEG]") == 2
+    # Counted in ids: the tiny BPE also learnt "[SEG]." as an ordinary piece, which random tokens may spell.
+    assert result.output_ids.count(pipe.seg_token_id) == 2 and "[SEG]" in result.answer
     assert "</s>" not in result.answer and "<s>" not in result.answer
 
 

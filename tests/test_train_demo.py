@@ -49,7 +49,7 @@ def test_demo_command_trains_on_two_processes_exports_and_reports(tmp_path):
     assert report["splits"]["test"]["generation"]["queries"] == 3
     results = (out / "RESULTS.md").read_text()
     assert "2 process(es) x 1 thread(s)" in results
-    assert "`python -m training.demo --set output_dir=" in results and "--processes 2" in results
+    assert "`python -m training.demo --set output_dir=" in results and "--processes" not in results  # 2: the default
     sample = SyntheticReasonSeg(split="test", size=1).eval_sample(0)
     result = LisaPipeline.from_pretrained(out).segment(sample.image, "Which shape would roll?", max_new_tokens=8)
     assert result.union_mask.shape == sample.image.shape[:2]

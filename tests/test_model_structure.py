@@ -10,9 +10,8 @@ from lisa_core.config import LisaConfig
 from lisa_core.errors import ConfigurationError
 from lisa_core.model import LisaModel, internal_to_official, official_to_internal
 
-FIXTURE = Path("/work/shared/fixtures/lisa_official_keys.json")
-if not FIXTURE.exists():
-    FIXTURE = Path(__file__).resolve().parent / "fixtures" / "lisa_official_keys.json"
+# Every parameter name and shape of the released checkpoints (derived from the official module code).
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "lisa_official_keys.json"
 
 
 def official_keys():

@@ -18,7 +18,7 @@ flock 9
 # (their contents are linked, not copied), the venv and this script.
 build_key=$(
     {
-        find msg srv scripts -type f -print0 | sort -z | xargs -0 cat
+        find msg srv action scripts -type f -print0 | sort -z | xargs -0 cat
         cat CMakeLists.txt package.xml tools/build_interfaces.sh .stamps/venv 2>/dev/null || true
         { find lisa_ros -name '*.py'; find launch config -type f; } | sort
     } | sha256sum | cut -d' ' -f1

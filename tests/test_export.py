@@ -8,7 +8,8 @@ from lisa_core.checkpoint import from_pretrained
 from lisa_core.pipeline import LisaPipeline
 from training.collate import LisaCollator
 from training.data import SyntheticReasonSeg
-from training.export import export_model, load_trained, main as export_main
+from training.build import load_trained
+from training.export import export_model, main as export_main
 from training.model import LisaForTraining, lora_module_names
 from training.train import Trainer
 from training.config import TrainConfig

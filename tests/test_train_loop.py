@@ -155,7 +155,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     from training.collate import LisaCollator
     from training.data import SyntheticReasonSeg
     from training.model import LisaForTraining, enable_gradient_checkpointing
-    from training.train import build_tiny
+    from training.build import build_tiny
 
     model, tokenizer = build_tiny({"seed": 0, "corpus": ["synthetic"]})
     samples = [SyntheticReasonSeg("train", size=4).get(i, np.random.default_rng(i)) for i in range(2)]

@@ -37,7 +37,7 @@ import torch
 
 from lisa_core.errors import ConfigurationError
 from lisa_core.metrics import SegmentationMeter
-from lisa_core.pipeline import LisaPipeline
+from lisa_core.pipeline import DTYPES, LisaPipeline
 from training.collate import LisaCollator
 from training.data import ReasonSegDataset, Sample, SyntheticReasonSeg
 from training.data.templates import EVAL_ANSWER
@@ -180,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8, help="forced mode: samples per forward pass")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)

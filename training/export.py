@@ -26,18 +26,15 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file
 
 from lisa_core.checkpoint import save_official_layout, save_pretrained
-from lisa_core.errors import CheckpointError, ConfigurationError
+from lisa_core.errors import ConfigurationError
 from lisa_core.model import LisaModel
-from training.config import load_config
-from training.model import merge_lora, prepare_for_finetuning
+from lisa_core.pipeline import DTYPES
+from training.build import load_trained
+from training.model import merge_lora
 
 LAYOUTS = ("ours", "official")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# accelerate saves the prepared training module, whose LisaModel sits under `model.`.
-TRAINING_PREFIX = "model."
 
 
 def export_model(
@@ -60,38 +57,6 @@ def export_model(
     if dtype is not None:
         model = model.to(dtype)
     return save_pretrained(model, tokenizer, directory)
-
-
-def load_trained(run_dir: Union[str, Path], checkpoint: str = "latest") -> tuple[LisaModel, object]:
-    """The model of a training run with a checkpoint's weights loaded (LoRA adapters still separate)."""
-    from training.train import build_model, checkpoint_dirs
-
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    if checkpoint == "latest":
-        found = checkpoint_dirs(run_dir)
-        if not found:
-            raise CheckpointError(f"{run_dir}: no checkpoints under {run_dir / 'checkpoints'}")
-        folder = found[-1]
-    else:
-        folder = Path(checkpoint)
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(
-            f"{weights}: not found (a DeepSpeed checkpoint? consolidate it with zero_to_fp32.py, or train "
-            "with export_dir set)"
-        )
-    model, tokenizer = build_model(config)
-    prepare_for_finetuning(model, config)
-    state = {
-        name[len(TRAINING_PREFIX):]: tensor
-        for name, tensor in load_file(str(weights)).items()
-        if name.startswith(TRAINING_PREFIX)
-    }
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    return model, tokenizer
 
 
 def main(argv: Optional[list[str]] = None) -> None:

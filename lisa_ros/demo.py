@@ -3,75 +3,133 @@
     python -m lisa_ros.demo [--scenes 4] [--out out/demo] [--model-path DIR] [--device cpu]
 
 It starts the installed node with the embedded demo model (models/demo when present, else the
-untrained tiny preset, which it says loudly), plays synthetic scenes as a 5 Hz camera with a flat
-depth image and CameraInfo, asks one instruction per scene on /lisa/query, prints each answer with the
-main target's pixel and 3D centroid, writes the node's overlay images as PNGs, asks the last
-instruction again through the /lisa/segment service, and stops the node with SIGINT.
-Exit code 0 when every instruction got its answer, 1 otherwise (or after --timeout seconds).
+untrained tiny preset, which it says loudly), plays the scenes shipped beside the demo model
+(models/demo/scenes: frame, depth and CameraInfo as a 5 Hz camera; see training.demo_scenes), asks
+each scene's instruction on /lisa/query, prints each answer with the main target's pixel and 3D
+centroid and the IoU with the scene's ground truth, writes the node's overlay images as PNGs, asks the
+last instruction again through the /lisa/segment service, and stops the node with SIGINT.
+Exit code 0 when every instruction got its answer, 1 otherwise (or after --timeout seconds), 2 when
+the scenes cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-FRAME_SIDE = 384  # synthetic scenes are drawn at 128 px and shown 3x larger
+from lisa_core.errors import InputError
+from lisa_ros.model_source import demo_model_dirs
+
 CAMERA_RATE_HZ = 5.0
-DEPTH_MM = 800  # a flat table 0.8 m in front of the camera
-FOCAL_PX = 400.0
+SCENES_FOLDER = "scenes"  # beside the demo model
+SCENES_FILE = "scenes.json"
 
 
-def demo_scenes(count: int, seed: int):
-    """(image, instruction, ground-truth masks) from the synthetic benchmark's validation split."""
-    from training.data.synthetic import SyntheticReasonSeg
+@dataclass(frozen=True)
+class DemoScene:
+    """One scene as the camera shows it, with the instruction to ask and its ground truth."""
 
-    benchmark = SyntheticReasonSeg("val", seed=seed, kinds=("attribute", "function", "size", "multiple"))
-    for index in range(count):
-        sample = benchmark.eval_sample(index)
-        scale = FRAME_SIDE // sample.image.shape[0]
-        image = cv2.resize(sample.image, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-        masks = [cv2.resize(m, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) == 1 for m in sample.masks]
-        yield image, sample.conversations[0][0][0], masks
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+    depth: np.ndarray  # 16UC1 millimetres (H, W), registered to the image
+    truth: np.ndarray  # bool (H, W): the union of the targets
+    instruction: str
+    k: tuple[float, ...]  # the 3x3 intrinsics row by row, pixels
+
+
+def scenes_dir() -> Path:
+    """The scenes folder beside the demo model, looked up where the model is (demo_model_dirs)."""
+    candidates = [folder / SCENES_FOLDER for folder in demo_model_dirs()]
+    for candidate in candidates:
+        if (candidate / SCENES_FILE).is_file():
+            return candidate
+    raise InputError(f"no demo scenes: {SCENES_FILE} is in none of {', '.join(map(str, candidates))} "
+                     "(write them with python -m training.demo_scenes)")
+
+
+def _read_png(path: Path, flags: int, dtype, channels: int) -> np.ndarray:
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise InputError(f"{path}: missing or not a readable image")
+    if image.dtype != dtype or (image.shape[2] if image.ndim == 3 else 1) != channels:
+        raise InputError(f"{path}: expected {channels}-channel {np.dtype(dtype)}, got {image.dtype} {image.shape}")
+    return image
+
+
+def load_scenes(folder: Path) -> list[DemoScene]:
+    """The scenes listed in `folder`/scenes.json (the format training.demo_scenes writes)."""
+    index_path = folder / SCENES_FILE
+    try:
+        entries = json.loads(index_path.read_text())["scenes"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{index_path}: not a readable scene list ({type(error).__name__}: {error})") from error
+    if not entries:
+        raise InputError(f"{index_path}: lists no scenes")
+    return [_load_scene(folder, number, entry) for number, entry in enumerate(entries)]
+
+
+def _load_scene(folder: Path, number: int, entry: dict) -> DemoScene:
+    try:
+        files = {name: folder / entry[name] for name in ("image", "depth", "mask")}
+        instruction = str(entry["instruction"])
+        k = tuple(float(value) for value in entry["camera"]["k"])
+        size = (int(entry["camera"]["height"]), int(entry["camera"]["width"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"{folder / SCENES_FILE}: scene {number}: a field is missing or malformed "
+                         f"({type(error).__name__}: {error})") from error
+    if len(k) != 9:
+        raise InputError(f"{folder / SCENES_FILE}: scene {number}: camera k has {len(k)} values, not 9")
+    arrays = {
+        "image": _read_png(files["image"], cv2.IMREAD_COLOR, np.uint8, 3),
+        "depth": _read_png(files["depth"], cv2.IMREAD_UNCHANGED, np.uint16, 1),
+        "mask": _read_png(files["mask"], cv2.IMREAD_GRAYSCALE, np.uint8, 1),
+    }
+    for name, array in arrays.items():
+        if array.shape[:2] != size:
+            raise InputError(f"{files[name]}: {array.shape[1]}x{array.shape[0]}, but the camera is "
+                             f"{size[1]}x{size[0]}")
+    image = cv2.cvtColor(arrays["image"], cv2.COLOR_BGR2RGB)
+    return DemoScene(image, arrays["depth"], arrays["mask"] > 0, instruction, k)
 
 
 class Camera:
-    """Publishes one image (new stamp each time), its depth and CameraInfo at CAMERA_RATE_HZ."""
+    """Publishes one scene's image (new stamp each time), depth and CameraInfo at CAMERA_RATE_HZ."""
 
     def __init__(self, client):
         self._client = client
-        self._image = None
+        self._scene = None
         self._lock = threading.Lock()
         self._running = True
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def show(self, image: np.ndarray) -> None:
+    def show(self, scene: DemoScene) -> None:
         with self._lock:
-            self._image = image
+            self._scene = scene
 
     def close(self) -> None:
         self._running = False
         self._thread.join(2.0)
 
     def _run(self) -> None:
-        k = (FOCAL_PX, 0.0, FRAME_SIDE / 2, 0.0, FOCAL_PX, FRAME_SIDE / 2, 0.0, 0.0, 1.0)
-        depth = np.full((FRAME_SIDE, FRAME_SIDE), DEPTH_MM, np.uint16)
         while self._running:
             with self._lock:
-                image = self._image
-            if image is not None:
-                header = self._client.publish_frame(image, time.time_ns(), "demo_camera_optical")
-                self._client.publish_depth(depth, header)
-                self._client.publish_camera_info(header, k, FRAME_SIDE, FRAME_SIDE)
+                scene = self._scene
+            if scene is not None:
+                height, width = scene.image.shape[:2]
+                header = self._client.publish_frame(scene.image, time.time_ns(), "demo_camera_optical")
+                self._client.publish_depth(scene.depth, header)
+                self._client.publish_camera_info(header, scene.k, width, height)
             time.sleep(1.0 / CAMERA_RATE_HZ)
 
 
@@ -111,6 +169,14 @@ def run(arguments) -> int:
     from lisa_ros.process import node_command, start_node, use_large_frames_profile
     from lisa_ros.srv import Segment
 
+    try:
+        scenes = load_scenes(scenes_dir())
+    except InputError as error:
+        print(f"[demo] {error}")
+        return 2
+    if not 1 <= arguments.scenes <= len(scenes):
+        print(f"[demo] --scenes must be between 1 and {len(scenes)}, the number of demo scenes")
+        return 2
     deadline = time.monotonic() + arguments.timeout
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,9 +200,10 @@ def run(arguments) -> int:
             print("[demo] *** UNTRAINED TINY PRESET: random weights, so the answers are arbitrary tokens and "
                   "masks are rare and meaningless. This run shows the machinery, not the model. ***")
         last_query = None
-        for index, (image, instruction, truth) in enumerate(demo_scenes(arguments.scenes, arguments.seed)):
+        for index, scene in enumerate(scenes[:arguments.scenes]):
+            instruction = scene.instruction
             frames_before = _frames_received(client)
-            camera.show(image)
+            camera.show(scene)
             if not client.wait_for(lambda: _frames_received(client) >= frames_before + 2, 10):
                 raise TimeoutError("the node receives no camera frames")
             asked += 1
@@ -145,12 +212,11 @@ def run(arguments) -> int:
             print(f"\n[demo] scene {index}: {result.query_id}: {instruction!r}")
             print(f"       answer: {result.answer!r}" if result.success else "       (no answer)")
             print(f"       {_describe(result)}  [{result.latency_s:.2f} s]")
-            if result.success and truth:
-                predicted = np.zeros(truth[0].shape, bool)
+            if result.success and scene.truth.any():
+                predicted = np.zeros(scene.truth.shape, bool)
                 for target in result.targets:
                     predicted |= imgmsg_to_cv2(target.mask) > 0
-                truth_union = np.logical_or.reduce(truth)
-                print(f"       IoU with the ground truth: {_iou(predicted, truth_union):.2f}")
+                print(f"       IoU with the ground truth: {_iou(predicted, scene.truth):.2f}")
             if result.success and client.wait_for(
                     lambda: any(stamp_ns(o.header) == stamp_ns(result.header) for o in client.overlays), 5):
                 overlay = next(o for o in client.overlays if stamp_ns(o.header) == stamp_ns(result.header))
@@ -185,8 +251,7 @@ def run(arguments) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenes", type=int, default=4, help="how many scenes to play")
-    parser.add_argument("--seed", type=int, default=0, help="which synthetic scenes")
+    parser.add_argument("--scenes", type=int, default=4, help="how many of the demo scenes to play")
     parser.add_argument("--out", default="out/demo", help="folder for the overlay PNGs and the node log")
     parser.add_argument("--model-path", default="", help="model folder; empty: the embedded demo model")
     parser.add_argument("--device", default="cpu")

@@ -15,11 +15,14 @@ _EXPORTS = {
     "save_official_layout": "lisa_core.checkpoint",
     "save_tiny_checkpoint": "lisa_core.tiny",
     "SegmentationResult": "lisa_core.result",
+    "SegmentRequest": "lisa_core.result",
+    "Progress": "lisa_core.result",
     "Target": "lisa_core.result",
     "LisaError": "lisa_core.errors",
     "InputError": "lisa_core.errors",
     "CheckpointError": "lisa_core.errors",
     "ConfigurationError": "lisa_core.errors",
+    "GenerationCancelled": "lisa_core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,7 +3,8 @@
 Writes, into --output (default: the current folder), for an image `photo.jpg`:
   photo_mask.png      union of all targets, 255 on target pixels
   photo_overlay.png   the image with each target tinted and outlined, the answer as a caption
-  photo_result.json   query, answer, generated ids, per-target confidence / centroid / box / area, timings
+  photo_result.json   query, answer, generated ids, per-target confidence / IoU prediction / centroid / box /
+                      area, timings
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def result_record(result) -> dict:
         "targets": [
             {
                 "confidence": target.confidence,
+                "iou_prediction": target.iou_prediction,
                 "centroid": list(target.centroid) if target.centroid is not None else None,
                 "box": list(target.box) if target.box is not None else None,
                 "area": target.area,

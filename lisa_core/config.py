@@ -15,6 +15,7 @@ from typing import Any, Union
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from lisa_core.errors import ConfigurationError
+from lisa_core.preprocess import check_clip_framing
 
 CLIP_VIT_L_14 = "openai/clip-vit-large-patch14"
 
@@ -130,6 +131,10 @@ class LisaConfig:
     im_start_token: str = "<im_start>"
     im_end_token: str = "<im_end>"
     image_token: str = "<image>"  # text placeholder replaced by the projected CLIP features
+    clip_framing: str = "crop"  # how a frame becomes CLIP's square input: lisa_core.preprocess.CLIP_FRAMINGS
+
+    def __post_init__(self) -> None:
+        check_clip_framing(self.clip_framing)
 
     @property
     def num_image_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""Errors that lisa_core raises on bad input, so callers can tell them from bugs."""
+"""Errors that lisa_core raises on purpose (bad input, a cancelled query), so callers can tell them from bugs."""
 
 
 class LisaError(Exception):
@@ -15,3 +15,11 @@ class CheckpointError(LisaError):
 
 class ConfigurationError(LisaError, ValueError):
     """A device, precision or option that this installation cannot provide."""
+
+
+class GenerationCancelled(LisaError):
+    """A caller's progress or token callback asked to stop; `tokens_generated` were produced by then."""
+
+    def __init__(self, tokens_generated: int) -> None:
+        super().__init__(f"generation cancelled after {tokens_generated} tokens")
+        self.tokens_generated = tokens_generated

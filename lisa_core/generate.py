@@ -11,21 +11,29 @@ Two modes give the same tokens and [SEG] states:
 A `KVDecoder` holds the cache: dynamic, or static (preallocated, reused across queries) with an optional
 torch.compile'd decoding step, which is what makes single-token steps fast on a GPU. `generate_batch`
 decodes several prompts (e.g. several queries on one frame) together on one dynamic cache.
+
+Streaming: an `on_token` callback sees the output ids after every new token (plain Python between two
+decoding steps, compiled or not) and returning True stops before the next step.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from transformers import DynamicCache, StaticCache
 
+from lisa_core.errors import GenerationCancelled
 from lisa_core.model import LisaModel
 
 # (generated ids so far, next-token logits (vocab,)) -> logits to take the argmax of.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+# (output ids so far) -> True to stop. The list is the generator's own: copy it to keep it.
+TokenCallback = Callable[[list[int]], bool]
+# (row index, that row's output ids so far) -> True to finish that row now.
+BatchTokenCallback = Callable[[int, list[int]], bool]
 
 GENERATION_MODES = ("cached", "reference")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
@@ -36,6 +44,7 @@ class GenerationOutput:
     output_ids: list[int]  # new tokens, EOS included when it was produced
     seg_hidden_states: torch.Tensor  # (num [SEG], hidden): the states that predicted each [SEG]
     timings: dict[str, float] = field(default_factory=dict)  # "prefill", "decode" (seconds)
+    cancelled: bool = False  # generate_batch: this row's on_token callback finished it early
 
 
 def _synchronize(device: torch.device) -> None:
@@ -119,11 +128,14 @@ def generate(
     mode: str = "cached",
     decoder: Optional[KVDecoder] = None,
     logits_processor: Optional[LogitsProcessor] = None,
+    on_token: Optional[TokenCallback] = None,
 ) -> GenerationOutput:
     """Greedy decoding for one prompt, `inputs_embeds` (1, L, hidden) with the image spliced in.
 
     `decoder` (cached mode): reuse one KVDecoder across calls to keep its static caches and compiled
     step; by default a dynamic-cache decoder is made for this call.
+    `on_token`: called after every new token; when it returns True, GenerationCancelled is raised
+    with the number of tokens generated so far, before the next decoding step.
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"generation mode must be one of {GENERATION_MODES}, got {mode!r}")
@@ -133,9 +145,17 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if mode == "cached":
         return _generate_cached(
-            decoder or KVDecoder(model), inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, logits_processor
+            decoder or KVDecoder(model), inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, logits_processor,
+            on_token,
         )
-    return _generate_reference(model, inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, logits_processor)
+    return _generate_reference(
+        model, inputs_embeds, seg_token_id, eos_token_id, max_new_tokens, logits_processor, on_token
+    )
+
+
+def _check_cancel(on_token: Optional[TokenCallback], output_ids: list[int]) -> None:
+    if on_token is not None and on_token(output_ids):
+        raise GenerationCancelled(len(output_ids))
 
 
 def _generate_cached(
@@ -145,6 +165,7 @@ def _generate_cached(
     eos_token_id: int,
     max_new_tokens: int,
     logits_processor: Optional[LogitsProcessor],
+    on_token: Optional[TokenCallback],
 ) -> GenerationOutput:
     device = inputs_embeds.device
     prompt_length = inputs_embeds.shape[1]
@@ -162,6 +183,7 @@ def _generate_cached(
         output_ids.append(token)
         if token == seg_token_id:
             seg_states.append(last_hidden[0].clone())
+        _check_cancel(on_token, output_ids)
         if token == eos_token_id or len(output_ids) == max_new_tokens:
             break
         last_hidden, logits = decoder.step(token, prompt_length + len(output_ids) - 1, cache)
@@ -182,6 +204,7 @@ def _generate_reference(
     eos_token_id: int,
     max_new_tokens: int,
     logits_processor: Optional[LogitsProcessor],
+    on_token: Optional[TokenCallback],
 ) -> GenerationOutput:
     device = inputs_embeds.device
     prompt_length = inputs_embeds.shape[1]
@@ -196,6 +219,7 @@ def _generate_reference(
             _synchronize(device)
             prefill_done = time.perf_counter()
         output_ids.append(token)
+        _check_cancel(on_token, output_ids)
         if token == eos_token_id or len(output_ids) == max_new_tokens:
             break
         token_embeds = model.embed_tokens(torch.tensor([[token]], device=device))
@@ -225,22 +249,32 @@ def generate_batch(
     *,
     seg_token_id: int,
     eos_token_id: int,
-    max_new_tokens: int,
+    max_new_tokens: Union[int, Sequence[int]],
     logits_processor: Optional[LogitsProcessor] = None,
+    on_token: Optional[BatchTokenCallback] = None,
 ) -> list[GenerationOutput]:
     """Greedy KV-cached decoding of several prompts together, one (1, L_i, hidden) tensor each.
 
     The prompts are left-padded into one batch with an attention mask and per-row positions, so each
     row computes what it would alone (up to float rounding); a row that has finished keeps being fed
     EOS, masked out of nothing and ignored. Each output's timings are the whole batch's.
+    `max_new_tokens`: one limit for every row, or one per prompt. `on_token(row, ids)` is called after
+    every new token of a row; returning True finishes that row there, marked `cancelled`, and the
+    other rows go on.
     """
     if not prompts_embeds:
         return []
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    batch = len(prompts_embeds)
+    if isinstance(max_new_tokens, Sequence):
+        limits = [int(limit) for limit in max_new_tokens]
+    else:
+        limits = [int(max_new_tokens)] * batch
+    if len(limits) != batch:
+        raise ValueError(f"max_new_tokens has {len(limits)} limits for {batch} prompts")
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {min(limits)}")
     first = prompts_embeds[0]
     device = first.device
-    batch = len(prompts_embeds)
     longest = max(embeds.shape[1] for embeds in prompts_embeds)
     inputs_embeds = first.new_zeros((batch, longest, first.shape[-1]))
     attention_mask = torch.zeros((batch, longest), dtype=torch.long, device=device)
@@ -260,6 +294,7 @@ def generate_batch(
     output_ids: list[list[int]] = [[] for _ in range(batch)]
     seg_states: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     finished = [False] * batch
+    cancelled = [False] * batch
     next_tokens = [_next_token(logits[row], output_ids[row], logits_processor) for row in range(batch)]
     _synchronize(device)
     prefill_done = time.perf_counter()
@@ -272,7 +307,8 @@ def generate_batch(
             output_ids[row].append(token)
             if token == seg_token_id:
                 seg_states[row].append(hidden[row].clone())
-            finished[row] = token == eos_token_id or len(output_ids[row]) == max_new_tokens
+            cancelled[row] = on_token is not None and bool(on_token(row, output_ids[row]))
+            finished[row] = cancelled[row] or token == eos_token_id or len(output_ids[row]) == limits[row]
         if all(finished):
             break
         step_ids = torch.tensor([[eos_token_id if done else token] for token, done in zip(next_tokens, finished)],
@@ -290,6 +326,8 @@ def generate_batch(
     _synchronize(device)
     timings = {"prefill": prefill_done - start, "decode": time.perf_counter() - prefill_done}
     return [
-        GenerationOutput(output_ids=ids, seg_hidden_states=_stack(states, first), timings=dict(timings))
-        for ids, states in zip(output_ids, seg_states)
+        GenerationOutput(
+            output_ids=ids, seg_hidden_states=_stack(states, first), timings=dict(timings), cancelled=stopped
+        )
+        for ids, states, stopped in zip(output_ids, seg_states, cancelled)
     ]

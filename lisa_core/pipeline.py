@@ -1,7 +1,8 @@
 """LisaPipeline: image + query in, answer and one mask per [SEG] out; plus SAM-only tracking.
 
 Per frame, CLIP and the SAM image encoder run once; with a `frame_key` their outputs are kept in a
-small LRU cache, so several queries (`segment_batch`) and tracking on one frame share them.
+small LRU cache, so several queries (`segment_many`, `segment_batch`) and tracking on one frame share
+them. The pipeline keeps no conversation: callers pass each query's earlier turns as `history`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Optional, Sequence, Union
+from typing import Callable, Hashable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,30 +22,43 @@ from torch import nn
 from lisa_core.checkpoint import from_pretrained as load_checkpoint
 from lisa_core.checkpoint import seg_token_id
 from lisa_core.cuda_graph import CudaGraphed
-from lisa_core.errors import ConfigurationError, InputError
+from lisa_core.errors import ConfigurationError, GenerationCancelled, InputError
 from lisa_core.generate import (
     CACHE_IMPLEMENTATIONS,
     GENERATION_MODES,
     GenerationOutput,
     KVDecoder,
     LogitsProcessor,
+    TokenCallback,
     generate,
     generate_batch,
 )
 from lisa_core.model import LisaModel
 from lisa_core.preprocess import (
     check_aspect_ratio,
+    check_clip_framing,
     clip_preprocess,
     postprocess_masks,
     prepare_image,
     sam_preprocess,
 )
-from lisa_core.prompt import PromptBuilder, Turn
-from lisa_core.result import SegmentationResult, Target
+from lisa_core.prompt import Prompt, PromptBuilder, Turn
+from lisa_core.result import (
+    STAGE_DECODING_MASKS,
+    STAGE_ENCODING,
+    STAGE_GENERATING,
+    Progress,
+    SegmentationResult,
+    SegmentRequest,
+    Target,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZATIONS = (None, "8bit", "4bit")
 DEFAULT_MAX_NEW_TOKENS = 128
+
+# Progress of a query -> True to cancel it.
+ProgressCallback = Callable[[Progress], bool]
 
 
 @dataclass
@@ -81,6 +95,11 @@ class _Stopwatch:
             # The current stream only: work on a side stream (the SAM encoder) keeps overlapping.
             torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
+
+
+def _report(on_progress: Optional[ProgressCallback], progress: Progress) -> None:
+    if on_progress is not None and on_progress(progress):
+        raise GenerationCancelled(progress.tokens)
 
 
 def _resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -186,7 +205,6 @@ class LisaPipeline:
         self._answer_skip_ids = self._special_ids_except_seg()
         self._frame_cache: "OrderedDict[Hashable, FrameFeatures]" = OrderedDict()
         self._frame_cache_size = frame_cache_size
-        self._history: list[Turn] = []
         self._lock = threading.RLock()
         self._resize_backend = "torch" if preprocess_on_device else "pil"
         self._encode_sam, self._encode_clip = (
@@ -205,9 +223,16 @@ class LisaPipeline:
         dtype: str = "fp32",
         quantization: Optional[str] = None,
         vision_tower: Optional[Union[str, Path]] = None,
+        clip_framing: Optional[str] = None,
         **settings,
     ) -> "LisaPipeline":
-        """Load our format or an official LISA folder. `settings` go to the constructor."""
+        """Load our format or an official LISA folder. `settings` go to the constructor.
+
+        `clip_framing` (lisa_core.preprocess.CLIP_FRAMINGS) overrides the model's: our folders keep the
+        one they were saved with, official folders are "crop", as the released models were trained.
+        """
+        if clip_framing is not None:
+            check_clip_framing(clip_framing)
         device = _resolve_device(device)
         if dtype not in DTYPES:
             raise ConfigurationError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -228,6 +253,8 @@ class LisaPipeline:
             model = model.to(device)
         else:
             model, tokenizer = load_checkpoint(path, device=device, dtype=torch_dtype, vision_tower=vision_tower)
+        if clip_framing is not None:
+            model.config.clip_framing = clip_framing
         return cls(model, tokenizer, **settings)
 
     # ---- public API -----------------------------------------------------------------------------
@@ -239,18 +266,87 @@ class LisaPipeline:
         *,
         frame_key: Optional[Hashable] = None,
         max_new_tokens: Optional[int] = None,
-        keep_history: bool = False,
+        history: Sequence[Turn] = (),
+        max_prompt_tokens: Optional[int] = None,
+        on_progress: Optional[ProgressCallback] = None,
     ) -> SegmentationResult:
         """Answer `query` about `image`; each [SEG] in the answer becomes one Target.
 
-        keep_history=True continues the conversation (earlier turns are in the prompt, this turn is
-        added to them); False asks a standalone question and leaves the conversation as it is.
+        `history`: the conversation's earlier turns, oldest first, each `Turn(query, result.answer)`;
+        the caller keeps them. The oldest are dropped to fit the context window (less max_new_tokens)
+        and `max_prompt_tokens`; the result counts the turns used and dropped.
+        `on_progress` is called with a Progress once at "encoding", after every generated token and
+        once at "decoding_masks"; returning True cancels the query (GenerationCancelled, raised
+        before the next decoding step).
         """
         with self._lock:
-            stopwatch = _Stopwatch(self.device)
             image = prepare_image(image)
+            max_new_tokens = self._max_new_tokens(max_new_tokens)
+            prompt = self.prompt_builder(query, history, max_new_tokens, max_prompt_tokens)
+            stopwatch = _Stopwatch(self.device)
+            _report(on_progress, Progress(STAGE_ENCODING, "", 0))
             frame = self._frame_features(image, frame_key, stopwatch, need_clip=True)
-            return self._answer(frame, query, stopwatch, max_new_tokens, keep_history)
+            output = self._generate(self._embed(frame, prompt), max_new_tokens, self._streamer(on_progress))
+            stopwatch.add(output.timings)
+            answer = self.decode_answer(output.output_ids)
+            _report(on_progress, Progress(STAGE_DECODING_MASKS, answer, len(output.output_ids)))
+            return self._result(frame, query, prompt, output, answer, stopwatch)
+
+    def segment_many(self, requests: Sequence[SegmentRequest]) -> list[SegmentationResult]:
+        """One result per request, in order; each frame is encoded once, the LLM decodes them together.
+
+        Requests with the same image array, or the same `frame_key` (frame cache), share CLIP and the
+        SAM encoder; the first result on a frame reports their timings. With the cached dynamic-cache
+        decoder all prompts go through the LLM as one left-padded batch (same tokens as one at a time,
+        [SEG] states equal up to float rounding), each row stopping at its own max_new_tokens, and every
+        result reports the batch's prefill and decode; otherwise they are decoded one by one.
+        Every request is checked before any work: a bad one is an InputError naming its index.
+        """
+        if isinstance(requests, SegmentRequest):
+            raise InputError("segment_many takes a list of SegmentRequest, got a single one")
+        requests = list(requests)
+        with self._lock:
+            images, limits, prompts = [], [], []
+            for index, request in enumerate(requests):
+                if not isinstance(request, SegmentRequest):
+                    raise InputError(f"requests[{index}] must be a SegmentRequest, got {type(request).__name__}")
+                try:
+                    images.append(prepare_image(request.image))
+                    check_aspect_ratio(*images[-1].shape[:2])
+                    limits.append(self._max_new_tokens(request.max_new_tokens))
+                    prompts.append(
+                        self.prompt_builder(request.query, request.history, limits[-1], request.max_prompt_tokens)
+                    )
+                except InputError as error:
+                    key = "" if request.frame_key is None else f" (frame_key {request.frame_key!r})"
+                    raise InputError(f"requests[{index}]{key}: {error}") from error
+            stopwatches, frames = [], []
+            encoded: dict[tuple, FrameFeatures] = {}
+            for request, image in zip(requests, images):
+                stopwatch = _Stopwatch(self.device)
+                group = (request.frame_key, id(request.image))
+                if group not in encoded:
+                    encoded[group] = self._frame_features(image, request.frame_key, stopwatch, need_clip=True)
+                stopwatches.append(stopwatch)
+                frames.append(encoded[group])
+            embeds = [self._embed(frame, prompt) for frame, prompt in zip(frames, prompts)]
+            if self._batches_queries() and len(requests) > 1:
+                outputs = generate_batch(
+                    self.model,
+                    embeds,
+                    seg_token_id=self.seg_token_id,
+                    eos_token_id=self.eos_token_id,
+                    max_new_tokens=limits,
+                    logits_processor=self.logits_processor,
+                )
+            else:
+                outputs = [self._generate(embed, limit) for embed, limit in zip(embeds, limits)]
+            results = []
+            for request, frame, prompt, output, stopwatch in zip(requests, frames, prompts, outputs, stopwatches):
+                stopwatch.add(output.timings)
+                answer = self.decode_answer(output.output_ids)
+                results.append(self._result(frame, request.query, prompt, output, answer, stopwatch))
+            return results
 
     def segment_batch(
         self,
@@ -260,24 +356,13 @@ class LisaPipeline:
         frame_key: Optional[Hashable] = None,
         max_new_tokens: Optional[int] = None,
     ) -> list[SegmentationResult]:
-        """Several standalone queries on one image; CLIP and the SAM encoder run once for all.
-
-        With the cached dynamic-cache decoder the queries also share the LLM: one left-padded batch
-        (same tokens as one at a time, [SEG] states equal up to float rounding); otherwise one by one.
-        """
+        """Several standalone queries on one image: `segment_many` with one request per query."""
         if isinstance(queries, str):
             raise InputError("segment_batch takes a list of queries, got a single string")
-        with self._lock:
-            image = prepare_image(image)
-            stopwatch = _Stopwatch(self.device)
-            frame = self._frame_features(image, frame_key, stopwatch, need_clip=True)
-            if self._batches_queries() and len(queries) > 1:
-                return self._answer_batch(frame, queries, stopwatch, max_new_tokens)
-            results = []
-            for query in queries:
-                results.append(self._answer(frame, query, stopwatch, max_new_tokens, keep_history=False))
-                stopwatch = _Stopwatch(self.device)
-            return results
+        image = prepare_image(image)
+        return self.segment_many(
+            [SegmentRequest(image, query, frame_key=frame_key, max_new_tokens=max_new_tokens) for query in queries]
+        )
 
     def track(
         self,
@@ -299,14 +384,6 @@ class LisaPipeline:
                     f"prompt embeddings must have {self.config.out_dim} values, got {prompts.shape[1]}"
                 )
             return self._decode_targets(frame, prompts, stopwatch)
-
-    def reset_conversation(self) -> None:
-        with self._lock:
-            self._history.clear()
-
-    @property
-    def history(self) -> list[Turn]:
-        return list(self._history)
 
     # ---- stages ---------------------------------------------------------------------------------
 
@@ -331,7 +408,11 @@ class LisaPipeline:
         if need_clip:
             check_aspect_ratio(*image_size)
             clip_pixels = clip_preprocess(
-                image, size=self.config.vision_tower.image_size, device=self.device, resize_backend=self._resize_backend
+                image,
+                size=self.config.vision_tower.image_size,
+                device=self.device,
+                resize_backend=self._resize_backend,
+                framing=self.config.clip_framing,
             )
             clip_features = self._encode_clip(clip_pixels.unsqueeze(0))
             stopwatch.lap("clip")
@@ -373,68 +454,49 @@ class LisaPipeline:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         return max_new_tokens
 
-    def _prompt_embeds(
-        self, frame: FrameFeatures, query: str, history: Sequence[Turn], max_new_tokens: int
-    ) -> torch.Tensor:
-        input_ids = self.prompt_builder(query, history, max_new_tokens)
-        return self.model.embed_prompt(torch.tensor([input_ids], device=self.device), frame.clip_features)
-
     @torch.no_grad()
-    def _answer(
-        self,
-        frame: FrameFeatures,
-        query: str,
-        stopwatch: _Stopwatch,
-        max_new_tokens: Optional[int],
-        keep_history: bool,
-    ) -> SegmentationResult:
-        max_new_tokens = self._max_new_tokens(max_new_tokens)
-        history = self._history if keep_history else ()
-        output = generate(
+    def _embed(self, frame: FrameFeatures, prompt: Prompt) -> torch.Tensor:
+        return self.model.embed_prompt(torch.tensor([prompt.input_ids], device=self.device), frame.clip_features)
+
+    def _streamer(self, on_progress: Optional[ProgressCallback]) -> Optional[TokenCallback]:
+        """generate's on_token for a Progress callback: the answer so far after every token."""
+        if on_progress is None:
+            return None
+
+        def on_token(output_ids: list[int]) -> bool:
+            return bool(on_progress(Progress(STAGE_GENERATING, self.decode_answer(output_ids), len(output_ids))))
+
+        return on_token
+
+    def _generate(
+        self, inputs_embeds: torch.Tensor, max_new_tokens: int, on_token: Optional[TokenCallback] = None
+    ) -> GenerationOutput:
+        return generate(
             self.model,
-            self._prompt_embeds(frame, query, history, max_new_tokens),
+            inputs_embeds,
             seg_token_id=self.seg_token_id,
             eos_token_id=self.eos_token_id,
             max_new_tokens=max_new_tokens,
             mode=self.generation_mode,
             decoder=self.decoder,
             logits_processor=self.logits_processor,
+            on_token=on_token,
         )
-        stopwatch.add(output.timings)
-        return self._result(frame, query, output, stopwatch, keep_history)
 
     @torch.no_grad()
-    def _answer_batch(
-        self, frame: FrameFeatures, queries: Sequence[str], stopwatch: _Stopwatch, max_new_tokens: Optional[int]
-    ) -> list[SegmentationResult]:
-        """Standalone queries decoded together; each result reports the batch's prefill and decode."""
-        max_new_tokens = self._max_new_tokens(max_new_tokens)
-        prompts = [self._prompt_embeds(frame, query, (), max_new_tokens) for query in queries]
-        outputs = generate_batch(
-            self.model,
-            prompts,
-            seg_token_id=self.seg_token_id,
-            eos_token_id=self.eos_token_id,
-            max_new_tokens=max_new_tokens,
-            logits_processor=self.logits_processor,
-        )
-        results = []
-        for query, output in zip(queries, outputs):
-            stopwatch.add(output.timings)
-            results.append(self._result(frame, query, output, stopwatch, keep_history=False))
-            stopwatch = _Stopwatch(self.device)
-        return results
-
     def _result(
-        self, frame: FrameFeatures, query: str, output: GenerationOutput, stopwatch: _Stopwatch, keep_history: bool
+        self,
+        frame: FrameFeatures,
+        query: str,
+        prompt: Prompt,
+        output: GenerationOutput,
+        answer: str,
+        stopwatch: _Stopwatch,
     ) -> SegmentationResult:
         targets = []
         if output.seg_hidden_states.shape[0] > 0:
             prompts = self.model.project_seg(output.seg_hidden_states)
             targets = self._decode_targets(frame, prompts, stopwatch)
-        answer = self.decode_answer(output.output_ids)
-        if keep_history:
-            self._history.append(Turn(query.strip(), answer))
         stopwatch.timings["total"] = sum(stopwatch.timings.values())
         return SegmentationResult(
             query=query,
@@ -443,6 +505,8 @@ class LisaPipeline:
             image_size=frame.image_size,
             output_ids=list(output.output_ids),
             timings=dict(stopwatch.timings),
+            history_turns=prompt.history_turns,
+            turns_dropped=prompt.turns_dropped,
         )
 
     @torch.no_grad()
@@ -454,11 +518,11 @@ class LisaPipeline:
         stopwatch.lap("mask_decoder")
         logits = postprocess_masks(low_res_logits, frame.resized_size, frame.image_size, size=self.config.sam.image_size)
         masks = (logits > 0).cpu().numpy()
-        confidences = iou_predictions[:, 0].float().cpu().tolist()
+        iou_values = iou_predictions[:, 0].float().cpu().tolist()
         embeddings = prompts.detach().float().cpu()
         targets = [
-            Target.from_mask(mask, confidence, embedding)
-            for mask, confidence, embedding in zip(masks, confidences, embeddings)
+            Target.from_mask(mask, iou_prediction, embedding)
+            for mask, iou_prediction, embedding in zip(masks, iou_values, embeddings)
         ]
         stopwatch.lap("postprocess")
         return targets

@@ -1,7 +1,9 @@
 """Image preprocessing for LISA's two image paths and mask postprocessing.
 
 The CLIP path matches the CLIPImageProcessor of `openai/clip-vit-large-patch14` that LISA uses
-(shortest side to 224 with PIL bicubic, centre crop, rescale, CLIP mean/std). The SAM path matches
+(shortest side to 224 with PIL bicubic, centre crop, rescale, CLIP mean/std). That "crop" framing
+shows CLIP only the centre square of a wide frame; the "pad" framing first letterboxes the whole frame
+into a square filled with the CLIP mean colour, as LLaVA's `expand2square` does. The SAM path matches
 segment-anything's `ResizeLongestSide.apply_image` (PIL bilinear on uint8) followed by `Sam.preprocess`
 (normalise on 0-255, zero-pad bottom/right). `postprocess_masks` is `Sam.postprocess_masks`.
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lisa_core.errors import InputError
+from lisa_core.errors import ConfigurationError, InputError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,6 +32,14 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 Device = Union[str, torch.device, None]
+
+CLIP_FRAMINGS = ("crop", "pad")  # centre crop of the short-side resize (released LISA); whole frame letterboxed
+
+
+def check_clip_framing(framing: str) -> None:
+    """ConfigurationError unless `framing` is one of CLIP_FRAMINGS."""
+    if framing not in CLIP_FRAMINGS:
+        raise ConfigurationError(f"clip_framing must be one of {CLIP_FRAMINGS}, got {framing!r}")
 
 
 def prepare_image(image: np.ndarray) -> np.ndarray:
@@ -115,6 +125,17 @@ def _check_backend(resize_backend: str) -> None:
         raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {resize_backend!r}")
 
 
+def expand_to_square(image_rgb: np.ndarray, fill: Sequence[int]) -> np.ndarray:
+    """`image_rgb` centred on a square of colour `fill`, side max(H, W): LLaVA's `expand2square`."""
+    height, width = image_rgb.shape[:2]
+    side = max(height, width)
+    square = np.empty((side, side, 3), dtype=np.uint8)
+    square[:] = np.asarray(fill, dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = image_rgb
+    return square
+
+
 def clip_preprocess(
     image_rgb: np.ndarray,
     size: int = 224,
@@ -122,13 +143,19 @@ def clip_preprocess(
     std: Sequence[float] = CLIP_STD,
     device: Device = None,
     resize_backend: str = "pil",
+    framing: str = "crop",
 ) -> torch.Tensor:
     """CLIP pixel values, float32 (3, size, size), for an RGB uint8 image.
 
     resize_backend="pil" is bit-exact with the reference; "torch" resizes on `device` (faster on a GPU).
+    framing="crop" (see CLIP_FRAMINGS) is the reference processor's; "pad" fills the square around the
+    frame with `mean` as 8-bit values (truncated, as LLaVA does) before the resize.
     """
     _check_backend(resize_backend)
+    check_clip_framing(framing)
     image_rgb = prepare_image(image_rgb)
+    if framing == "pad":
+        image_rgb = expand_to_square(image_rgb, [int(value * 255) for value in mean])
     new_h, new_w = clip_resized_shape(image_rgb.shape[0], image_rgb.shape[1], size)
     top = (new_h - size) // 2
     left = (new_w - size) // 2
@@ -207,6 +234,9 @@ def postprocess_masks(
 
 __all__ = [
     "RESIZE_BACKENDS",
+    "CLIP_FRAMINGS",
+    "check_clip_framing",
+    "expand_to_square",
     "CLIP_MEAN",
     "CLIP_STD",
     "SAM_PIXEL_MEAN",

@@ -1,12 +1,47 @@
-"""What a LISA query returns: the answer text and one target per [SEG] token."""
+"""What a LISA query returns (the answer text and one target per [SEG] token), what it is asked, and
+the progress it reports while it runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Hashable, Optional, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from lisa_core.prompt import Turn
+
+STAGE_ENCODING = "encoding"  # CLIP and the SAM image encoder
+STAGE_GENERATING = "generating"  # the language model writes the answer
+STAGE_DECODING_MASKS = "decoding_masks"  # SAM's mask decoder, one mask per [SEG]
+STAGES = (STAGE_ENCODING, STAGE_GENERATING, STAGE_DECODING_MASKS)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a query stands: reported once at "encoding", after every token at "generating", and once
+    at "decoding_masks"."""
+
+    stage: str  # one of STAGES
+    text: str  # the answer so far, decoded as the final answer is
+    tokens: int  # tokens generated so far
+
+
+@dataclass
+class SegmentRequest:
+    """One query on one frame, for LisaPipeline.segment_many.
+
+    `history` holds the conversation's earlier turns (lisa_core.prompt.Turn), oldest first; requests with
+    the same `frame_key`, or the same image array, share one encoding of the frame.
+    """
+
+    image: np.ndarray
+    query: str
+    frame_key: Optional[Hashable] = None
+    history: Sequence[Turn] = ()
+    max_new_tokens: Optional[int] = None
+    max_prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -18,21 +53,24 @@ class Target:
     """
 
     mask: np.ndarray  # bool, (H, W) of the input image
-    confidence: float  # SAM's IoU prediction for this mask
+    confidence: float  # SAM's IoU prediction for this mask, clamped to [0, 1]
+    iou_prediction: float  # SAM's IoU prediction as the head gives it (can leave [0, 1])
     prompt_embedding: torch.Tensor
     centroid: Optional[tuple[float, float]]  # (x = column, y = row); None for an empty mask
     box: Optional[tuple[int, int, int, int]]  # (x_min, y_min, x_max, y_max), inclusive; None if empty
     area: int  # pixels in the mask
 
     @classmethod
-    def from_mask(cls, mask: np.ndarray, confidence: float, prompt_embedding: torch.Tensor) -> "Target":
+    def from_mask(cls, mask: np.ndarray, iou_prediction: float, prompt_embedding: torch.Tensor) -> "Target":
         mask = np.asarray(mask, dtype=bool)
+        iou_prediction = float(iou_prediction)
+        confidence = min(max(iou_prediction, 0.0), 1.0)
         rows, cols = np.nonzero(mask)
         if rows.size == 0:
-            return cls(mask, float(confidence), prompt_embedding, None, None, 0)
+            return cls(mask, confidence, iou_prediction, prompt_embedding, None, None, 0)
         centroid = (float(cols.mean()), float(rows.mean()))
         box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
-        return cls(mask, float(confidence), prompt_embedding, centroid, box, int(rows.size))
+        return cls(mask, confidence, iou_prediction, prompt_embedding, centroid, box, int(rows.size))
 
 
 @dataclass
@@ -45,6 +83,8 @@ class SegmentationResult:
     image_size: tuple[int, int]  # (H, W)
     output_ids: list[int] = field(default_factory=list)  # generated token ids, prompt excluded
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    history_turns: int = 0  # earlier turns that were in the prompt
+    turns_dropped: int = 0  # oldest earlier turns left out to fit the prompt budget
 
     @property
     def union_mask(self) -> np.ndarray:

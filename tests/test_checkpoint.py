@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from lisa_core.checkpoint import from_pretrained, save_official_layout, save_pretrained, strip_around_tokens
-from lisa_core.errors import CheckpointError
+from lisa_core.errors import CheckpointError, ConfigurationError
 from lisa_core.pipeline import LisaPipeline
+from lisa_core.preprocess import clip_preprocess
 from lisa_core.tiny import save_tiny_checkpoint
 
 
@@ -354,3 +355,59 @@ def test_released_style_tokenizer_gives_the_ids_lisa_was_trained_on(tmp_path):
     result = LisaPipeline(model, tokenizer, max_new_tokens=3).segment(
         np.zeros((16, 16, 3), dtype=np.uint8), "Can you segment the cup?")
     assert len(result.output_ids) == 3
+
+
+def wide_frame():
+    image = np.full((36, 64, 3), 90, dtype=np.uint8)
+    image[:, :6] = (255, 0, 0)
+    return image
+
+
+def clip_inputs(model, tokenizer, monkeypatch):
+    """The CLIP pixels a pipeline built on `model` feeds the vision tower for wide_frame()."""
+    seen = []
+    encode_clip = model.encode_clip
+    monkeypatch.setattr(model, "encode_clip", lambda pixels: seen.append(pixels[0].clone()) or encode_clip(pixels))
+    LisaPipeline(model, tokenizer, max_new_tokens=2).segment(wide_frame(), "Segment the cup.")
+    return seen[0]
+
+
+def test_clip_framing_round_trip_and_overrides(tiny, tmp_path, monkeypatch):
+    path, _, _ = tiny
+    model, tokenizer = from_pretrained(path)
+    assert model.config.clip_framing == "crop"
+    model.config.clip_framing = "pad"
+    save_pretrained(model, tokenizer, tmp_path / "pad")
+    assert json.loads((tmp_path / "pad" / "lisa_config.json").read_text())["clip_framing"] == "pad"
+    loaded, loaded_tokenizer = from_pretrained(tmp_path / "pad")
+    assert loaded.config.clip_framing == "pad"
+    assert torch.equal(clip_inputs(loaded, loaded_tokenizer, monkeypatch), clip_preprocess(wide_frame(), framing="pad"))
+    assert LisaPipeline.from_pretrained(tmp_path / "pad").config.clip_framing == "pad"
+    overridden = LisaPipeline.from_pretrained(tmp_path / "pad", clip_framing="crop")
+    assert overridden.config.clip_framing == "crop"
+    assert torch.equal(clip_inputs(overridden.model, overridden.tokenizer, monkeypatch), clip_preprocess(wide_frame()))
+    with pytest.raises(ConfigurationError, match=r"clip_framing must be one of \('crop', 'pad'\), got 'square'"):
+        LisaPipeline.from_pretrained(tmp_path / "pad", clip_framing="square")
+
+
+def test_config_files_without_or_with_a_bad_framing(tiny, tmp_path):
+    path, model, tokenizer = tiny
+    save_pretrained(model, tokenizer, tmp_path / "old")
+    config_path = tmp_path / "old" / "lisa_config.json"
+    config = json.loads(config_path.read_text())
+    del config["clip_framing"]  # written before the setting existed
+    config_path.write_text(json.dumps(config))
+    assert from_pretrained(tmp_path / "old")[0].config.clip_framing == "crop"
+    config_path.write_text(json.dumps({**config, "clip_framing": "stretch"}))
+    with pytest.raises(ConfigurationError, match="clip_framing must be one of"):
+        from_pretrained(tmp_path / "old")
+
+
+def test_official_folders_load_as_crop(official, tiny, tmp_path):
+    padded, padded_tokenizer = from_pretrained(tiny[0])
+    padded.config.clip_framing = "pad"
+    folder = save_official_layout(padded, padded_tokenizer, tmp_path / "LISA-pad", vision_tower_dir=tmp_path / "clip")
+    assert "clip_framing" not in json.loads((folder / "config.json").read_text())
+    assert from_pretrained(folder)[0].config.clip_framing == "crop"
+    assert from_pretrained(official[0])[0].config.clip_framing == "crop"
+    assert LisaPipeline.from_pretrained(official[0], clip_framing="pad").config.clip_framing == "pad"

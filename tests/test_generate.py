@@ -44,7 +44,7 @@ def force_at(schedule):
 
 def prompt_embeds(model, tokenizer, query="Can you segment the cup in this image?"):
     builder = PromptBuilder(tokenizer, model.config.num_image_tokens, 1024)
-    ids = torch.tensor([builder(query)])
+    ids = torch.tensor([builder(query).input_ids])
     torch.manual_seed(1)
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
@@ -183,12 +183,13 @@ def test_long_query_is_truncated_with_a_warning(tokenizer):
     builder = PromptBuilder(tokenizer, 256, 400)
     long_query = "segment the red cup near the left window " * 40
     with pytest.warns(UserWarning, match="truncated"):
-        ids = builder(long_query, max_new_tokens=32)
+        prompt = builder(long_query, max_new_tokens=32)
+    ids = prompt.input_ids
     assert len(ids) <= 400 - 32
     assert ids.count(IMAGE_PLACEHOLDER_ID) == 256
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert len(builder("segment the cup", max_new_tokens=32)) < 368
+        assert len(builder("segment the cup", max_new_tokens=32).input_ids) < 368
 
 
 def test_old_turns_are_dropped_before_the_query_is_cut(tokenizer):
@@ -196,8 +197,10 @@ def test_old_turns_are_dropped_before_the_query_is_cut(tokenizer):
     history = [Turn("segment the red cup near the left window " * 4, "It is [SEG].")] * 5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ids = builder("And the knife?", history, max_new_tokens=16)
+        prompt = builder("And the knife?", history, max_new_tokens=16)
+    ids = prompt.input_ids
     assert len(ids) <= 384
+    assert prompt.turns_dropped > 0 and prompt.history_turns + prompt.turns_dropped == 5
     assert tokenizer.decode([i for i in ids if i >= 0]).rstrip().endswith("And the knife? ASSISTANT:")
 
 

@@ -1,4 +1,4 @@
-"""LisaPipeline on the tiny model: odd images, batches, the frame cache, tracking, conversations.
+"""LisaPipeline on the tiny model: odd images, batches, the frame cache, tracking, confidence.
 
 [SEG] is forced at chosen decoding steps with a logits processor (see tests/test_generate.py), since
 the random tiny model does not write it on its own.
@@ -143,21 +143,6 @@ def test_frame_cache_and_tracking(pipe):
         pipe.track(frame, [torch.zeros(3)])
 
 
-def test_conversation_history(pipe):
-    pipe.reset_conversation()
-    frame = image(32, 32, seed=9)
-    standalone = pipe.segment(frame, "Where is the cup?")
-    assert pipe.history == []
-    first = pipe.segment(frame, "Where is the cup?", keep_history=True)
-    assert first.output_ids == standalone.output_ids
-    assert [turn.query for turn in pipe.history] == ["Where is the cup?"]
-    pipe.segment(frame, "And the knife?", keep_history=True)
-    assert [turn.query for turn in pipe.history] == ["Where is the cup?", "And the knife?"]
-    assert pipe.history[0].answer == first.answer
-    pipe.reset_conversation()
-    assert pipe.history == []
-
-
 def test_reference_mode_gives_the_same_result(checkpoint, pipe):
     reference = LisaPipeline.from_pretrained(checkpoint, max_new_tokens=8, generation_mode="reference",
                                              logits_processor=pipe.logits_processor)
@@ -208,3 +193,17 @@ def test_extreme_aspect_ratio_is_refused_before_clip(pipe):
         pipe.segment(image(2, 400), "Segment the cup.")
     assert len(pipe.segment(image(8, 400), "Segment the cup.").targets) == 2  # 50:1 is still accepted
     assert pipe.track(image(2, 400), [torch.zeros(pipe.config.out_dim)])[0].mask.shape == (2, 400)  # SAM only
+
+
+@pytest.mark.parametrize("iou, confidence", [(-0.75, 0.0), (1.6, 1.0), (0.25, 0.25)])
+def test_confidence_is_the_iou_prediction_clamped_to_0_1(checkpoint, pipe, iou, confidence):
+    pipeline = LisaPipeline.from_pretrained(checkpoint, max_new_tokens=8, logits_processor=pipe.logits_processor)
+    iou_head = pipeline.model.visual_model.mask_decoder.iou_prediction_head.layers[-1]
+    with torch.no_grad():
+        iou_head.weight.zero_()
+        iou_head.bias.fill_(iou)
+    result = pipeline.segment(image(30, 40, seed=12), "Segment the bowl.")
+    tracked = pipeline.track(image(30, 40, seed=13), [result.targets[0].prompt_embedding])
+    for target in result.targets + tracked:
+        assert target.iou_prediction == pytest.approx(iou, abs=1e-6)
+        assert target.confidence == pytest.approx(confidence, abs=1e-6)

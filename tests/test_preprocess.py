@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from lisa_core.errors import InputError
+from lisa_core.config import LisaConfig
+from lisa_core.errors import ConfigurationError, InputError
 from lisa_core.preprocess import (
+    CLIP_FRAMINGS,
     CLIP_MEAN,
     CLIP_STD,
     SAM_PIXEL_MEAN,
@@ -20,6 +23,9 @@ from lisa_core.preprocess import (
     sam_preprocess,
     sam_resized_shape,
 )
+from lisa_core.tiny import build_tiny_tokenizer
+from training.collate import LisaCollator
+from training.data import Sample
 
 ODD_SIZES = [(37, 1001), (480, 640), (1, 1), (1000, 3), (225, 223), (333, 517), (224, 224)]
 
@@ -161,6 +167,91 @@ def test_clip_preprocess_accepts_grey_and_size():
     # grey input: all three channels carry the same rescaled value
     rescaled = [pixels[c] * CLIP_STD[c] + CLIP_MEAN[c] for c in range(3)]
     assert torch.allclose(rescaled[0], rescaled[1], atol=1e-5) and torch.allclose(rescaled[0], rescaled[2], atol=1e-5)
+
+
+# CLIP framing
+
+
+def red_bar_frame():
+    """16:9 grey frame whose left 10 of 160 columns are red."""
+    image = np.full((90, 160, 3), 60, dtype=np.uint8)
+    image[:, :10] = (255, 0, 0)
+    return image
+
+
+def is_red(pixels):
+    """(224, 224) bool: normalised CLIP pixels that were red."""
+    red = (1 - CLIP_MEAN[0]) / CLIP_STD[0]
+    green = (0 - CLIP_MEAN[1]) / CLIP_STD[1]
+    return (pixels[0] > red - 0.1) & (pixels[1] < green + 0.1)
+
+
+def test_crop_hides_the_sides_pad_keeps_the_whole_frame():
+    image = red_bar_frame()
+    crop = clip_preprocess(image)
+    pad = clip_preprocess(image, framing="pad")
+    assert torch.equal(crop, clip_preprocess(image, framing="crop"))
+    assert not is_red(crop).any()
+    red = is_red(pad)
+    # The frame is letterboxed: 90 of 160 rows, from row 35, i.e. rows 49-175 of 224; the bar at the left.
+    assert red[60:165, :10].all() and not red[60:165, 20:].any()
+    fill = torch.tensor([(int(m * 255) / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(3, 1, 1)
+    for band in (pad[:, :45], pad[:, 180:]):  # a few rows off the edges, which bicubic blends
+        torch.testing.assert_close(band, fill.expand_as(band), atol=1e-6, rtol=0)
+    grey = torch.tensor([(60 / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(3, 1, 1)
+    torch.testing.assert_close(pad[:, 60:165, 30:], grey.expand(3, 105, 194), atol=1e-5, rtol=0)
+
+
+def llava_expand2square(pil_img, background_color):
+    """LLaVA's expand2square (llava/mm_utils.py), as the reference for the pad framing."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    if width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
+@pytest.mark.parametrize("height, width", [(90, 160), (333, 517), (1000, 3), (37, 36), (50, 50)])
+def test_pad_matches_llava_expand2square_and_the_clip_processor(height, width):
+    image = random_image(height, width, seed=height)
+    squared = llava_expand2square(Image.fromarray(image), tuple(int(x * 255) for x in CLIP_MEAN))
+    reference = reference_clip_processor()(images=np.asarray(squared), return_tensors="pt",
+                                           input_data_format="channels_last")["pixel_values"][0]
+    assert (clip_preprocess(image, framing="pad") - reference).abs().max() <= 1e-6
+    torch_pad = clip_preprocess(image, framing="pad", resize_backend="torch")
+    assert (torch_pad - reference).abs().mean() <= 1.0 / 255.0 / min(CLIP_STD)
+
+
+def test_square_frames_are_framed_alike():
+    image = random_image(64, 64, seed=9)
+    assert torch.equal(clip_preprocess(image, framing="pad"), clip_preprocess(image, framing="crop"))
+
+
+@pytest.mark.parametrize("framing", CLIP_FRAMINGS)
+def test_training_frames_clip_as_the_model_config_says(framing):
+    tokenizer = build_tiny_tokenizer()
+    config = LisaConfig.tiny(vocab_size=len(tokenizer))
+    config.clip_framing = framing
+    image = red_bar_frame()
+    mask = np.zeros(image.shape[:2], dtype=np.uint8)
+    mask[:, :10] = 1
+    sample = Sample(image, [[("Which part is red?", "It is [SEG].")]], [mask], "synthetic")
+    batch = LisaCollator(tokenizer, config, max_length=1024)([sample])
+    assert torch.equal(batch.clip_pixels[0], clip_preprocess(image, framing=framing))
+
+
+def test_unknown_framing_is_a_configuration_error_naming_the_choices():
+    assert CLIP_FRAMINGS == ("crop", "pad")
+    with pytest.raises(ConfigurationError, match=r"clip_framing must be one of \('crop', 'pad'\), got 'letterbox'"):
+        clip_preprocess(random_image(8, 8), framing="letterbox")
+    with pytest.raises(ConfigurationError, match="clip_framing must be one of"):
+        LisaConfig(clip_framing="square")
+    assert LisaConfig().clip_framing == "crop"
 
 
 # SAM

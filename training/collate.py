@@ -146,7 +146,8 @@ class LisaCollator:
                 label_rows.append(labels)
                 conversation_image.append(image_index)
                 kept_masks.extend(masks[:seg_count])
-            clip_pixels.append(clip_preprocess(sample.image, size=self.config.vision_tower.image_size))
+            clip_size = self.config.vision_tower.image_size
+            clip_pixels.append(clip_preprocess(sample.image, size=clip_size, framing=self.config.clip_framing))
             pixels, resized = sam_preprocess(sample.image, size=self.config.sam.image_size)
             sam_pixels.append(pixels)
             resized_sizes.append(resized)

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lisa_core.checkpoint import SEG_TOKEN  # noqa: E402
 from lisa_core.config import LisaConfig  # noqa: E402
 from lisa_core.model import LisaModel  # noqa: E402
 from lisa_core.pipeline import DTYPES, LisaPipeline  # noqa: E402
@@ -72,7 +73,7 @@ def forced_answer(tokenizer, length: int) -> list[int]:
     words = tokenizer("it is the object that holds water because it is hollow and open at the top",
                       add_special_tokens=False).input_ids
     body = [words[i % len(words)] for i in range(length - 2)]
-    return body + [tokenizer.convert_tokens_to_ids("[SEG]"), tokenizer.eos_token_id]
+    return body + [tokenizer.convert_tokens_to_ids(SEG_TOKEN), tokenizer.eos_token_id]
 
 
 def forcing_processor(answer_ids: list[int]):

@@ -110,7 +110,9 @@ def _set_parameter(client, name, value) -> None:
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
     from rcl_interfaces.srv import SetParameters
 
-    service = client.node.create_client(SetParameters, "/lisa_perception/set_parameters")
+    from lisa_ros.process import NODE_NAME
+
+    service = client.node.create_client(SetParameters, f"/{NODE_NAME}/set_parameters")
     service.wait_for_service(timeout_sec=10)
     kind = ParameterType.PARAMETER_BOOL if isinstance(value, bool) else ParameterType.PARAMETER_DOUBLE
     parameter = Parameter(name=name, value=ParameterValue(type=kind, bool_value=value if isinstance(value, bool) else False,
@@ -171,9 +173,10 @@ BARE_SUBSCRIBER = """
 import rclpy
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
+from lisa_ros.parameters import PARAMETERS_BY_NAME
 rclpy.init()
 node = rclpy.create_node("bare_subscriber")
-node.create_subscription(Image, "camera/image_raw", lambda message: None,
+node.create_subscription(Image, PARAMETERS_BY_NAME["image_topic"].default, lambda message: None,
                          QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
 try:
     rclpy.spin(node)

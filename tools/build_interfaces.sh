@@ -2,13 +2,33 @@
 # Builds the package (msg/, srv/ and the Python code) with colcon against the ROS 2 wheels in .venv:
 # build/ and install/ in the repository root, a symlink install so edited Python files take effect
 # without building again. Skips everything when nothing that goes into the build has changed.
+# With --copy, a plain (copying) install into the given folders instead, as a release would be built;
+# always built, the stamp left alone.
 # Usage: tools/build_interfaces.sh   (tools/setup.sh calls it after making .venv)
+#        tools/build_interfaces.sh --copy BUILD_DIR INSTALL_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 venv=$root/.venv
 python=$venv/bin/python
 stamp=$root/.stamps/interfaces
+build_base=$root/build
+install_base=$root/install
+log_base=$root/log
+install_mode=(--symlink-install)
+if [ "${1:-}" = "--copy" ]; then
+    if [ $# -ne 3 ]; then
+        echo "usage: $0 [--copy BUILD_DIR INSTALL_DIR]" >&2
+        exit 2
+    fi
+    build_base=$(realpath -m "$2")
+    install_base=$(realpath -m "$3")
+    log_base=$build_base/log
+    install_mode=()
+elif [ $# -ne 0 ]; then
+    echo "usage: $0 [--copy BUILD_DIR INSTALL_DIR]" >&2
+    exit 2
+fi
 mkdir -p "$root/.stamps"
 # One build at a time: several shells may run the set-up at once.
 exec 9>"$stamp.lock"
@@ -24,7 +44,8 @@ build_key=$(
     } | sha256sum | cut -d' ' -f1
 )
 # install/ links into build/, so both must still be there.
-if [ -f install/setup.bash ] && [ -d build/lisa_ros ] && [ "$(cat "$stamp" 2>/dev/null)" = "$build_key" ]; then
+if [ ${#install_mode[@]} -gt 0 ] && [ -f install/setup.bash ] && [ -d build/lisa_ros ] \
+        && [ "$(cat "$stamp" 2>/dev/null)" = "$build_key" ]; then
     echo "[build_interfaces] up to date"
     exit 0
 fi
@@ -62,15 +83,17 @@ set -u
 export AMENT_PREFIX_PATH=$venv CMAKE_PREFIX_PATH=$venv
 # CMake refuses to export include folders that lie in the source tree unless they lie in the install
 # prefix, and .venv lies in the source tree: hand it NumPy's headers through a link in the prefix.
-numpy_include=$root/install/lisa_ros/include/numpy_headers
+numpy_include=$install_base/lisa_ros/include/numpy_headers
 mkdir -p "$(dirname "$numpy_include")"
 ln -sfn "$("$python" -c 'import numpy; print(numpy.get_include())')" "$numpy_include"
-colcon --log-base "$root/log" build \
+colcon --log-base "$log_base" build \
     --paths "$root" \
-    --build-base "$root/build" \
-    --install-base "$root/install" \
-    --symlink-install \
+    --build-base "$build_base" \
+    --install-base "$install_base" \
+    "${install_mode[@]}" \
     --cmake-args -DPython3_EXECUTABLE="$python" -DPython3_NumPy_INCLUDE_DIR="$numpy_include" \
         -DBUILD_TESTING=OFF
 
-echo "$build_key" > "$stamp"
+if [ ${#install_mode[@]} -gt 0 ]; then
+    echo "$build_key" > "$stamp"
+fi

@@ -3,7 +3,26 @@
 The ROS node and its messages come from `colcon build` on a ROS 2 install (see README.md).
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+INTERFACES = Path("msg")
+PACKAGED_INTERFACES = Path("lisa_ros") / "interfaces" / "msg"  # lisa_ros.bag reads them there
+
+
+class build_py_with_interfaces(build_py):
+    """Also puts msg/*.msg inside the built lisa_ros package: lisa-bag registers the message types
+    from them where no colcon install provides them."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / PACKAGED_INTERFACES
+        target.mkdir(parents=True, exist_ok=True)
+        for definition in sorted(INTERFACES.glob("*.msg")):
+            self.copy_file(str(definition), str(target / definition.name))
+
 
 setup(
     name="lisa_ros",
@@ -28,10 +47,13 @@ setup(
         "ros": ["ros-jazzy-rclpy", "ros-jazzy-std-msgs", "ros-jazzy-sensor-msgs",
                 "ros-jazzy-geometry-msgs"],
         "quantization": ["bitsandbytes"],
+        "bag": ["rosbags", "tqdm"],
     },
+    cmdclass={"build_py": build_py_with_interfaces},
     entry_points={
         "console_scripts": [
             "lisa-segment = lisa_core.cli:main",
+            "lisa-bag = lisa_ros.bag:main",
         ],
     },
 )

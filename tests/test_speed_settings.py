@@ -1,14 +1,15 @@
 """The pipeline's speed settings give the same answers as the plain path.
 
 On the CPU: the static KV cache and on-device resizing. On a GPU (skipped without one): the same, plus
-the compiled decoding step (CUDA graphs), the compiled SAM encoder and the SAM encoder on its own
-CUDA stream. The tiny model answers with [SEG] forced at chosen steps.
+the compiled decoding step (CUDA graphs, also with streaming and cancel), the compiled SAM encoder and
+the SAM encoder on its own CUDA stream. The tiny model answers with [SEG] forced at chosen steps.
 """
 
 import numpy as np
 import pytest
 import torch
 
+from lisa_core.errors import GenerationCancelled
 from lisa_core.pipeline import LisaPipeline
 from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -92,6 +93,25 @@ def test_compiled_paths_match_plain_cuda(parts):
     )
     assert_same(plain, fast, min_mask_agreement=0.99)
     assert (plain_tracked[0].mask == fast_tracked[0].mask).mean() >= 0.99
+
+
+@needs_cuda
+def test_streaming_and_cancel_with_the_compiled_step_cuda(parts):
+    model, tokenizer = parts
+    pipeline = LisaPipeline(model.to("cuda"), tokenizer, max_new_tokens=10, cache_implementation="static",
+                            compile_decoder=True)
+    forced = force_seg(pipeline.seg_token_id, pipeline.eos_token_id)
+    chosen = []
+    pipeline.logits_processor = lambda ids, logits: chosen.append(len(ids)) or forced(ids, logits)
+    plain = pipeline.segment(frames()[0], QUERIES[0])
+    reports = []
+    streamed = pipeline.segment(frames()[0], QUERIES[0], on_progress=lambda p: reports.append(p.tokens) and False)
+    assert streamed.output_ids == plain.output_ids and reports[-1] == len(plain.output_ids)
+    chosen.clear()
+    with pytest.raises(GenerationCancelled) as raised:
+        pipeline.segment(frames()[1], QUERIES[0], on_progress=lambda p: p.tokens == 3)
+    assert raised.value.tokens_generated == 3 and len(chosen) == 3  # no decoding step after the stop
+    assert pipeline.segment(frames()[0], QUERIES[0]).output_ids == plain.output_ids
 
 
 @needs_cuda

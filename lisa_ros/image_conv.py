@@ -1,22 +1,28 @@
-"""sensor_msgs/Image <-> numpy, shaped like cv_bridge's API so that real cv_bridge can be swapped in.
+"""sensor_msgs/Image and CompressedImage <-> numpy, shaped like cv_bridge's API so that real cv_bridge
+can be swapped in.
 
 cv_bridge for ROS 2 is not installable everywhere this package runs (see docs/environment.md), and the
 PyPI copy mishandles row padding and 16-bit images, so the conversion is done here with numpy.
 Arrays are (H, W) for one channel and (H, W, C) otherwise, as OpenCV and cv_bridge lay them out.
+
+The readers use only the messages' fields, so they also take the messages a bag reader without ROS
+(rosbags) yields; the ROS message types are imported only where messages are built.
 """
 
 from __future__ import annotations
 
 import array
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import cv2
 import numpy as np
-from sensor_msgs.msg import Image
-from std_msgs.msg import Header
 
 from lisa_core.errors import InputError
+
+if TYPE_CHECKING:
+    from sensor_msgs.msg import CompressedImage, Image
+    from std_msgs.msg import Header
 
 # encoding -> (element type, channels)
 ENCODINGS: dict[str, tuple[np.dtype, int]] = {
@@ -34,6 +40,11 @@ ENCODINGS: dict[str, tuple[np.dtype, int]] = {
 _CHANNELS_FROM_RGBA = {"rgb8": [0, 1, 2], "bgr8": [2, 1, 0], "rgba8": [0, 1, 2, 3], "bgra8": [2, 1, 0, 3]}
 # Encodings that store the same values under two names.
 _SAME_DATA = {frozenset(("mono16", "16UC1"))}
+# Compressions of image_transport's compressed transport: name in `format` -> the file's magic bytes.
+_COMPRESSIONS = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
+_FILE_SUFFIXES = {"jpeg": ".jpg", "png": ".png"}
+# Layouts cv2.imdecode returns for 8-bit files, by channel count.
+_DECODED_ENCODINGS = {1: "mono8", 3: "bgr8", 4: "bgra8"}
 
 
 class ImageConversionError(InputError):
@@ -55,7 +66,7 @@ def imgmsg_to_cv2(msg: Image, desired_encoding: str = "passthrough") -> np.ndarr
     if step < row_bytes:
         raise ImageConversionError(
             f"step {step} is shorter than one row of {width} {msg.encoding} pixels ({row_bytes} bytes)")
-    data = np.frombuffer(msg.data, dtype=np.uint8)
+    data = byte_array(msg.data)
     if data.size != height * step:
         raise ImageConversionError(
             f"image data has {data.size} bytes, but height {height} x step {step} needs {height * step}")
@@ -75,6 +86,8 @@ def cv2_to_imgmsg(image: np.ndarray, encoding: str, header: Optional[Header] = N
     Rows are unpadded (step = width x bytes per pixel); multi-byte values keep the array's byte order,
     which is_bigendian records.
     """
+    from sensor_msgs.msg import Image
+
     dtype, channels = _layout(encoding)
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1 and channels == 1:
@@ -100,6 +113,96 @@ def cv2_to_imgmsg(image: np.ndarray, encoding: str, header: Optional[Header] = N
     # array.array from bytes is the fast way to fill a uint8[] field (from the ndarray: ~40x slower).
     msg.data = array.array("B", np.ascontiguousarray(image).tobytes())
     return msg
+
+
+def compressed_imgmsg_to_cv2(msg: CompressedImage, desired_encoding: str = "rgb8") -> np.ndarray:
+    """The jpeg or png image in `msg` (as image_transport's compressed transport publishes it) as an
+    array in `desired_encoding`: rgb8 (default), bgr8, rgba8, bgra8 or mono8.
+
+    `format` names the compression ("jpeg", "png", "rgb8; jpeg compressed bgr8", ...); the data must be
+    a whole file of that kind. 16-bit files (compressedDepth) are refused.
+    """
+    compression = _compression(str(msg.format))
+    data = byte_array(msg.data)
+    if data.size == 0:
+        raise ImageConversionError(f"compressed image ({msg.format!r}) has no data")
+    magic = _COMPRESSIONS[compression]
+    if bytes(data[:len(magic)]) != magic:
+        raise ImageConversionError(f"compressed image data is not a {compression} file (format {msg.format!r}, "
+                                   f"data starts with {bytes(data[:8])!r})")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageConversionError(f"compressed image data ({data.size} bytes) is a corrupt or truncated "
+                                   f"{compression} file")
+    if image.dtype != np.uint8:
+        raise ImageConversionError(f"compressed image is a {image.dtype.name} {compression}; only 8-bit "
+                                   "images are supported (not compressedDepth)")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels not in _DECODED_ENCODINGS:
+        raise ImageConversionError(f"compressed image has {channels} channels; expected 1, 3 or 4")
+    encoding = _DECODED_ENCODINGS[channels]
+    if desired_encoding == encoding:
+        return image
+    return _convert(image, encoding, desired_encoding)
+
+
+def cv2_to_compressed_imgmsg(image_rgb: np.ndarray, format: str = "jpeg",
+                             header: Optional[Header] = None) -> CompressedImage:
+    """A sensor_msgs/CompressedImage of an rgb8 (H, W, 3) or mono8 (H, W) uint8 array, laid out as
+    image_transport's compressed transport does: format "rgb8; jpeg compressed bgr8" (or png, or
+    "mono8; ... mono8"), the file holding BGR. JPEG quality 95, as that transport's default."""
+    from sensor_msgs.msg import CompressedImage
+
+    if format not in _COMPRESSIONS:
+        raise ImageConversionError(f"unsupported compression {format!r}; expected one of {sorted(_COMPRESSIONS)}")
+    image = np.asarray(image_rgb)
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ImageConversionError(f"compression needs an rgb8 (H, W, 3) or mono8 (H, W) uint8 array, "
+                                   f"got {image.dtype.name} of shape {image.shape}")
+    if image.size == 0:
+        raise ImageConversionError(f"image is empty: shape {image.shape}")
+    encoding, stored = ("mono8", "mono8") if image.ndim == 2 else ("rgb8", "bgr8")
+    pixels = image if image.ndim == 2 else np.ascontiguousarray(image[:, :, ::-1])
+    parameters = [cv2.IMWRITE_JPEG_QUALITY, 95] if format == "jpeg" else []
+    ok, encoded = cv2.imencode(_FILE_SUFFIXES[format], pixels, parameters)
+    if not ok:
+        raise ImageConversionError(f"OpenCV could not encode a {image.shape} image as {format}")
+    msg = CompressedImage(format=f"{encoding}; {format} compressed {stored}")
+    if header is not None:
+        msg.header = header
+    msg.data = array.array("B", encoded.tobytes())
+    return msg
+
+
+def byte_array(data: Any) -> np.ndarray:
+    """A uint8[] message field as a flat uint8 array: bytes, array.array and uint8 arrays (rclpy and
+    rosbags messages) are read in place, lists and tuples of ints copied."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise ImageConversionError(f"message data must hold uint8 values, got a {data.dtype.name} array")
+        return data.reshape(-1)
+    if isinstance(data, (list, tuple)):
+        try:
+            return np.array(data, dtype=np.uint8)
+        except (OverflowError, ValueError, TypeError) as error:
+            raise ImageConversionError(f"message data is not a list of bytes (0..255): {error}") from None
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except TypeError:
+        raise ImageConversionError(f"message data must be bytes, got {type(data).__name__}") from None
+
+
+def _compression(format_: str) -> str:
+    """The compression named in a CompressedImage format ("jpeg", "rgb8; png compressed bgr8", ...)."""
+    words = format_.lower().replace(";", " ").split()
+    if "compresseddepth" in words:
+        raise ImageConversionError(f"compressedDepth images ({format_!r}) are not supported; "
+                                   "expected an 8-bit jpeg or png")
+    found = {"jpeg" if word == "jpg" else word for word in words} & set(_COMPRESSIONS)
+    if len(found) != 1:
+        raise ImageConversionError(f"unsupported compressed image format {format_!r}; expected jpeg or png, "
+                                   "as image_transport writes it (e.g. 'rgb8; jpeg compressed bgr8')")
+    return found.pop()
 
 
 def _layout(encoding: str) -> tuple[np.dtype, int]:

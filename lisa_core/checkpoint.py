@@ -36,7 +36,14 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPVisionConfig
 
-from lisa_core.config import LanguageModelConfig, LisaConfig, SamConfig, VisionTowerConfig
+from lisa_core.config import (
+    LISA_ADDED_TOKENS,
+    SEG_TOKEN,
+    LanguageModelConfig,
+    LisaConfig,
+    SamConfig,
+    VisionTowerConfig,
+)
 from lisa_core.errors import CheckpointError
 from lisa_core.model import LisaModel, internal_to_official, official_to_internal
 
@@ -46,8 +53,6 @@ OFFICIAL_CONFIG = "config.json"
 OFFICIAL_MODEL_TYPES = ("llava", "llava_llama", "lisa")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-SEG_TOKEN = "[SEG]"
-LISA_ADDED_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", SEG_TOKEN)
 CLIP_VISION_BODY = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
 
 PathLike = Union[str, Path]

@@ -18,6 +18,11 @@ from lisa_core.errors import ConfigurationError
 from lisa_core.preprocess import check_clip_framing
 
 CLIP_VIT_L_14 = "openai/clip-vit-large-patch14"
+SEG_TOKEN = "[SEG]"
+IM_PATCH_TOKEN = "<im_patch>"
+IM_START_TOKEN = "<im_start>"
+IM_END_TOKEN = "<im_end>"
+LISA_ADDED_TOKENS = (IM_PATCH_TOKEN, IM_START_TOKEN, IM_END_TOKEN, SEG_TOKEN)  # the LISA-7B-v1 order
 
 
 @dataclass
@@ -127,9 +132,9 @@ class LisaConfig:
     vision_tower_name: str = CLIP_VIT_L_14  # where the CLIP weights come from (not in LISA checkpoints)
     vision_select_layer: int = -2  # CLIP hidden state fed to the projector; CLS is dropped
     use_im_start_end: bool = True
-    seg_token: str = "[SEG]"
-    im_start_token: str = "<im_start>"
-    im_end_token: str = "<im_end>"
+    seg_token: str = SEG_TOKEN
+    im_start_token: str = IM_START_TOKEN
+    im_end_token: str = IM_END_TOKEN
     image_token: str = "<image>"  # text placeholder replaced by the projected CLIP features
     clip_framing: str = "crop"  # how a frame becomes CLIP's square input: lisa_core.preprocess.CLIP_FRAMINGS
 

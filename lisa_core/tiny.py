@@ -19,12 +19,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lisa_core.config import LisaConfig
+from lisa_core.config import LISA_ADDED_TOKENS, LisaConfig
 from lisa_core.model import LisaModel
 from lisa_core.prompt import SYSTEM_PROMPT
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama
-ADDED_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "[SEG]")  # the LISA-7B-v1 order
 TINY_BPE_VOCAB = 400
 
 BASE_CORPUS = (
@@ -73,7 +72,7 @@ def build_tiny_tokenizer(extra_corpus: Iterable[str] = ()) -> PreTrainedTokenize
         pad_token="<unk>",
         model_max_length=1024,
     )
-    wrapped.add_tokens(list(ADDED_TOKENS), special_tokens=True)
+    wrapped.add_tokens(list(LISA_ADDED_TOKENS), special_tokens=True)
     return wrapped
 
 

@@ -25,12 +25,13 @@ FRAME_ID = "test_camera_optical"
 
 def write_segmenting_model(path: Path) -> Path:
     from lisa_core.checkpoint import save_pretrained
+    from lisa_core.config import SEG_TOKEN
     from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
     language_model = model.language_model
-    seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+    seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     with torch.no_grad():
         language_model.model.embed_tokens.weight[:, PINNED_COORDINATE] = 50.0
         model.mm_projector.bias[PINNED_COORDINATE] = 50.0

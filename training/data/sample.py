@@ -7,9 +7,9 @@ from typing import Protocol
 
 import numpy as np
 
+from lisa_core.config import SEG_TOKEN
 from lisa_core.errors import InputError
 
-SEG_TOKEN = "[SEG]"
 IGNORE_LABEL = 255
 
 Turn = tuple[str, str]  # (question, answer)

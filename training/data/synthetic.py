@@ -49,6 +49,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+from lisa_core.config import SEG_TOKEN
 from lisa_core.errors import InputError
 from training.data import templates
 from training.data.sample import Sample
@@ -134,7 +135,7 @@ def plural(shape: str) -> str:
 
 
 def join_segs(count: int) -> str:
-    segs = ["[SEG]"] * count
+    segs = [SEG_TOKEN] * count
     return segs[0] if count == 1 else ", ".join(segs[:-1]) + " and " + segs[-1]
 
 

@@ -65,7 +65,6 @@ RESULT = "lisa_ros/msg/SegmentationResult"
 DEPTH_BUFFER_LENGTH = 10
 # The target cloud's point layout: x, y, z in metres (optical frame) and the target's index.
 CLOUD_POINT = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("target", "<u4")])
-NO_DEPTH_TOPIC = "no depth topic (--depth-topic)"
 VIDEO_CODEC = "mp4v"
 
 
@@ -165,24 +164,23 @@ class Answer:
     """One query's outcome in bag terms, with what the outputs are made of."""
 
     outcome: Outcome
-    status: Status
     header: Any  # the frame's header, or one stamped with the query's time when there was no frame
     geometries: list[TargetGeometry]
     depth: Optional[DepthView]
     point_frame_id: str  # the camera info's frame, else the frame's
 
 
-def outcome_messages(store, answer: Answer, topics: OutputTopics, cloud_max_points: int) -> list[tuple[str, Any]]:
+def outcome_messages(store, answer: Answer, topics: OutputTopics, max_cloud_points: int) -> list[tuple[str, Any]]:
     """(topic, typestore message) pairs the node publishes for `answer`, the result first."""
     outcome, header = answer.outcome, answer.header
-    result = new_message(store, RESULT, header=header, status=int(answer.status), query_id=outcome.query.id,
-                         query=outcome.query.text, tracked=outcome.tracked, success=outcome.success,
-                         latency_s=float(outcome.latency_s), error=outcome.error or "")
+    result = new_message(store, RESULT, header=header, status=int(outcome.status), query_id=outcome.query.id,
+                         query=outcome.query.text, history_turns=outcome.history_turns,
+                         turns_dropped=outcome.turns_dropped, notes=outcome.notes, tracked=outcome.tracked,
+                         success=outcome.success, latency_s=float(outcome.latency_s), error=outcome.error or "")
     if not outcome.success:
         return [(topics.result, result)]
     lisa = outcome.result
     result.answer = lisa.answer
-    result.history_turns, result.turns_dropped = lisa.history_turns, lisa.turns_dropped
     result.targets = [_target_message(store, t, g, header) for t, g in zip(lisa.targets, answer.geometries)]
     messages = [(topics.result, result), (topics.mask, _mono8(store, lisa.union_mask, header))]
     main = main_target_index(lisa.targets)
@@ -196,7 +194,7 @@ def outcome_messages(store, answer: Answer, topics: OutputTopics, cloud_max_poin
                 store, POINT_STAMPED, header=point_header, point=_point(store, answer.geometries[main].centroid_3d))))
     messages.append((topics.explanation, new_message(store, STRING, data=lisa.answer)))
     if answer.depth is not None and lisa.targets:
-        xyz, index = cloud_points([t.mask for t in lisa.targets], answer.depth, cloud_max_points)
+        xyz, index = cloud_points([t.mask for t in lisa.targets], answer.depth, max_cloud_points)
         messages.append((topics.target_cloud, _cloud(store, xyz, index, point_header)))
     return messages
 
@@ -268,7 +266,7 @@ def outcome_record(answer: Answer, time_s: float) -> dict:
                 "depth_error": geometry.depth_error,
             })
     return {"time_s": round(time_s, 9), "query_id": outcome.query.id, "query": outcome.query.text,
-            "status": answer.status.label, "error": outcome.error or "",
+            "status": outcome.status.label, "error": outcome.error or "",
             "answer": outcome.result.answer if outcome.success else "",
             "frame_stamp_ns": stamp_ns(answer.header) if outcome.frame is not None else None,
             "targets": targets}
@@ -276,22 +274,6 @@ def outcome_record(answer: Answer, time_s: float) -> dict:
 
 def _listed(values) -> Optional[list]:
     return None if values is None else [float(v) for v in values]
-
-
-# The worker's error sentences begin with these words (what the node's counters tell apart).
-_STATUS_BY_ERROR_START = (
-    ("no frame yet", Status.NO_FRAME), ("frame too old", Status.FRAME_TOO_OLD),
-    ("dropped", Status.QUEUE_FULL), ("bad query:", Status.BAD_QUERY), ("bad query or image:", Status.BAD_QUERY),
-    ("model not loaded", Status.MODEL_NOT_LOADED), ("model error", Status.MODEL_ERROR),
-    ("node shutting down", Status.SHUTTING_DOWN),
-)
-
-
-def outcome_status(outcome: Outcome) -> Status:
-    if outcome.success:
-        return Status.OK
-    return next((status for start, status in _STATUS_BY_ERROR_START if outcome.error.startswith(start)),
-                Status.MODEL_ERROR)
 
 
 # ---- reading the bag ------------------------------------------------------------------------------------
@@ -445,13 +427,13 @@ class Answerer:
     """The node's InferenceWorker, asked one query at a time."""
 
     def __init__(self, model: ModelSource, device: str, precision: str, settings: WorkerSettings,
-                 frame_source: str, log):
+                 image_topic: str, log):
         self.model = model
         self._device, self._precision = device, precision
         self._outcomes: "queue.Queue[Outcome]" = queue.Queue()
         self.worker = InferenceWorker(load_pipeline=self._load_pipeline, on_outcome=self._outcomes.put,
                                       on_state=lambda event: None, settings=settings,
-                                      frame_source=frame_source, log_error=log)
+                                      frame_source=lambda camera: image_topic, log_error=log)
         self.worker.start()
 
     def _load_pipeline(self):
@@ -528,7 +510,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="seconds; older frames give 'frame too old', 0 accepts any (default: %(default)s)")
     parser.add_argument("--depth-max-offset", type=float, default=node_default("depth_max_offset"),
                         help="seconds between frame and depth stamps, at most (default: %(default)s)")
-    parser.add_argument("--cloud-max-points", type=int, default=node_default("cloud_max_points"),
+    parser.add_argument("--max-cloud-points", type=int, default=node_default("max_cloud_points"),
                         help="points in each target cloud, at most (default: %(default)s)")
     parser.add_argument("--model", type=Path, default=None,
                         help="model folder (default: the node's default model)")
@@ -546,7 +528,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def _check_options(args: argparse.Namespace) -> None:
     problems = [PARAMETERS_BY_NAME["device"].problem(args.device)]
     for name, value in (("max_image_age", args.max_image_age), ("depth_max_offset", args.depth_max_offset),
-                        ("max_new_tokens", args.max_new_tokens), ("cloud_max_points", args.cloud_max_points)):
+                        ("max_new_tokens", args.max_new_tokens), ("max_cloud_points", args.max_cloud_points)):
         low, high = PARAMETERS_BY_NAME[name].limits
         if not low <= value <= high:
             problems.append(f"--{name.replace('_', '-')} must be within {low:g}..{high:g}; got {value}")
@@ -595,9 +577,7 @@ def _run(args: argparse.Namespace, store, bag: BagReader) -> int:
                        "--copy-input would mix them with the new ones")
 
     model = resolve_model(str(args.model) if args.model is not None else "")
-    settings = WorkerSettings(**{f.name: node_default(f.name) for f in fields(WorkerSettings)})
-    settings = WorkerSettings(**{**vars(settings), "max_image_age": args.max_image_age,
-                                 "max_new_tokens": args.max_new_tokens, "tracking": False})
+    settings = WorkerSettings(max_image_age=args.max_image_age, max_new_tokens=args.max_new_tokens)
     print(f"lisa-bag: model: {model.label}; loading from {model.path} on {args.device} ({args.precision})",
           file=sys.stderr, flush=True)
     answerer = Answerer(model, args.device, args.precision, settings, args.image_topic,
@@ -619,8 +599,8 @@ def _run(args: argparse.Namespace, store, bag: BagReader) -> int:
                     moment.frame[2], args.image_topic, (moment.frame[0] - bag.reader.start_time) / 1e9)
                 outcome = answerer.answer(moment, number, image)
                 answer = _answer(store, outcome, moment, args)
-                counts[answer.status] += 1
-                for topic, message in outcome_messages(store, answer, outputs, args.cloud_max_points):
+                counts[outcome.status] += 1
+                for topic, message in outcome_messages(store, answer, outputs, args.max_cloud_points):
                     msgtype = message.__msgtype__
                     writer.write(connections[topic], moment.query_ns, store.serialize_cdr(message, msgtype))
                 if jsonl is not None:
@@ -685,15 +665,13 @@ def _answer(store, outcome: Outcome, moment: Moment, args: argparse.Namespace) -
     else:
         header = outcome.frame.header
     if not outcome.success:
-        return Answer(outcome, outcome_status(outcome), header, [], None, header.frame_id)
-    depth, reason = None, NO_DEPTH_TOPIC
+        return Answer(outcome, header, [], None, header.frame_id)
     info = moment.camera_info
-    if args.depth_topic:
-        depth, reason = pair_depth(moment.depth_images, stamp_ns(header), outcome.result.image_size,
-                                   args.depth_max_offset, info.k if info is not None else None)
+    depth, reason = pair_depth(moment.depth_images, stamp_ns(header), tuple(outcome.result.image_size),
+                               args.depth_max_offset, info.k if info is not None else None)
     geometries = [target_geometry(t.mask, t.centroid, depth, reason) for t in outcome.result.targets]
     point_frame_id = (info.header.frame_id if info is not None else "") or header.frame_id
-    return Answer(outcome, Status.OK, header, geometries, depth, point_frame_id)
+    return Answer(outcome, header, geometries, depth, point_frame_id)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,6 +6,7 @@ The tool runs with every ROS Python package blocked (an import of one fails), so
 no ROS install; the test process itself reads the output with rclpy's deserializer.
 """
 
+import importlib
 import json
 import subprocess
 import sys
@@ -66,8 +67,8 @@ def _frame_message(store, image: np.ndarray, header, compression: str):
 
 
 def write_bag(path: Path, storage: str, compression: str, query_topic: bool = True) -> None:
-    """FRAMES on /camera/image_raw (depth and camera info beside each, same stamps) and QUERIES on
-    /lisa/query when `query_topic`."""
+    """FRAMES on /camera/image_raw with depth and camera info beside each (same stamps), a camera info
+    at the start, and QUERIES on /lisa/query when `query_topic`."""
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     store = typestore()
@@ -76,22 +77,24 @@ def write_bag(path: Path, storage: str, compression: str, query_topic: bool = Tr
     with Writer(path, version=8, storage_plugin=StoragePlugin[storage.upper()]) as writer:
         def add(topic, msgtype):
             return writer.add_connection(topic, msgtype, typestore=store), msgtype
-        image_c, depth_c, info_c, query_c = (add("/camera/image_raw", frame_type),
-                                             add("/camera/depth/image_raw", "sensor_msgs/msg/Image"),
-                                             add("/camera/camera_info", "sensor_msgs/msg/CameraInfo"),
-                                             add("/lisa/query", "std_msgs/msg/String"))
-        messages = []
+        image_c, depth_c, info_c = (add("/camera/image_raw", frame_type),
+                                    add("/camera/depth/image_raw", "sensor_msgs/msg/Image"),
+                                    add("/camera/camera_info", "sensor_msgs/msg/CameraInfo"))
+
+        def camera_info(header):
+            return new_message(store, "sensor_msgs/msg/CameraInfo", header=header, height=120, width=160,
+                               distortion_model="plumb_bob", d=np.zeros(5), k=np.array(K, dtype=np.float64))
+        messages = [(START_NS, info_c, camera_info(_header(store, START_NS)))]
         for seconds, index in FRAMES:
             header = _header(store, _ns(seconds) - STAMP_LAG_NS)
             messages.append((_ns(seconds), image_c, _frame_message(store, scene(index), header, compression)))
             messages.append((_ns(seconds), depth_c, new_message(
                 store, "sensor_msgs/msg/Image", header=header, height=120, width=160, encoding="16UC1",
                 step=320, data=depth.view(np.uint8).reshape(-1))))
-            messages.append((_ns(seconds), info_c, new_message(
-                store, "sensor_msgs/msg/CameraInfo", header=header, height=120, width=160,
-                distortion_model="plumb_bob", d=np.zeros(5), k=np.array(K, dtype=np.float64))))
+            messages.append((_ns(seconds), info_c, camera_info(header)))
         if query_topic:
             # The 0.5 s query is written before that frame: same log time, and it must still see it.
+            query_c = add("/lisa/query", "std_msgs/msg/String")
             messages += [(_ns(s), query_c, new_message(store, "std_msgs/msg/String", data=text))
                          for s, text in QUERIES]
         messages.sort(key=lambda item: (item[0], item[1][0].topic != "/lisa/query"))
@@ -99,9 +102,11 @@ def write_bag(path: Path, storage: str, compression: str, query_topic: bool = Tr
             writer.write(connection, log_ns, store.serialize_cdr(message, msgtype))
 
 
-def run_tool(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", RUN_WITHOUT_ROS, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+def start_tool(output: Path, *args) -> subprocess.Popen:
+    """The tool as its own process, stdout and stderr into `output`."""
+    with open(output, "wb") as log:
+        return subprocess.Popen([sys.executable, "-c", RUN_WITHOUT_ROS, *map(str, args)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
 
 def read_bag(path: Path) -> dict:
@@ -120,10 +125,11 @@ def read_bag(path: Path) -> dict:
 def ros_messages(topic: tuple) -> list:
     """The messages of one output topic, deserialized by rclpy (so ROS reads what the tool wrote)."""
     from rclpy.serialization import deserialize_message
-    from rosidl_runtime_py.utilities import get_message
 
     msgtype, _, messages = topic
-    return [deserialize_message(bytes(raw), get_message(msgtype)) for _, raw in messages]
+    package, _, name = msgtype.rpartition("/")
+    message_class = getattr(importlib.import_module(package.replace("/", ".")), name)
+    return [deserialize_message(bytes(raw), message_class) for _, raw in messages]
 
 
 def _installed_type_hash(name: str) -> str:
@@ -146,15 +152,72 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def raw_run(model, tmp_path_factory):
-    """The sqlite3 bag of raw rgb8 frames with depth, answered from its query topic."""
-    folder = tmp_path_factory.mktemp("raw")
-    write_bag(folder / "in", "sqlite3", "raw")
-    completed = run_tool(folder / "in", "--out", folder / "out", "--model", model, "--depth-topic",
-                         "--max-new-tokens", MAX_NEW_TOKENS, "--video", folder / "overlays.mp4",
-                         "--jsonl", folder / "queries.jsonl")
-    assert completed.returncode == 0, completed.stderr
-    return dict(folder=folder, output=read_bag(folder / "out"), stderr=completed.stderr)
+def runs(model, tmp_path_factory):
+    """The tool started on two bags at once: sqlite3 with raw rgb8 frames and depth, answered from its
+    query topic; mcap with png frames, answered from a queries file, input copied over."""
+    folder = tmp_path_factory.mktemp("bags")
+    write_bag(folder / "raw_in", "sqlite3", "raw")
+    write_bag(folder / "png_in", "mcap", "png", query_topic=False)
+    queries = folder / "queries.txt"
+    queries.write_text("# seconds from the bag's start, then the instruction\n\n"
+                       + "".join(f"{s} {text}\n" for s, text in QUERIES))
+    common = ("--model", model, "--depth-topic", "--max-new-tokens", MAX_NEW_TOKENS)
+    processes = {
+        "raw": start_tool(folder / "raw.log", folder / "raw_in", "--out", folder / "raw_out", *common,
+                          "--video", folder / "overlays.mp4", "--jsonl", folder / "queries.jsonl"),
+        "png": start_tool(folder / "png.log", folder / "png_in", "--out", folder / "png_out", *common,
+                          "--queries", queries, "--copy-input"),
+    }
+    yield dict(folder=folder, processes=processes, queries=queries, model=model, finished={})
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def finished(runs: dict, name: str) -> dict:
+    """The run's folder and output bag, once its process has ended well."""
+    if name not in runs["finished"]:
+        folder, process = runs["folder"], runs["processes"][name]
+        assert process.wait(timeout=180) == 0, (folder / f"{name}.log").read_text()
+        runs["finished"][name] = dict(folder=folder, out=folder / f"{name}_out",
+                                      output=read_bag(folder / f"{name}_out"))
+    return runs["finished"][name]
+
+
+@pytest.fixture(scope="module")
+def raw_run(runs):
+    return finished(runs, "raw")
+
+
+def test_masks_equal_the_nodes_answers_on_the_same_frames(runs, model, tmp_path_factory):
+    """First in the file: the node starts while the tool runs."""
+    from lisa_ros.client import PerceptionClient
+    from lisa_ros.image_conv import cv2_to_imgmsg
+    from lisa_ros.srv import Segment
+    from ros_support import ros_session
+
+    with ros_session(tmp_path_factory.mktemp("bag_node")) as ros:
+        process, log = start_perception_node(ros, {"model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS})
+        client = PerceptionClient(ros["context"], name="bag_test_user", camera=False)
+        try:
+            bag_results = [r for r in ros_messages(finished(runs, "raw")["output"]["/lisa/result"]) if r.success]
+            assert client.wait_for_node(timeout_s=60)["model_loaded"], log.read_text()
+            frames = {_ns(s) - STAMP_LAG_NS: index for s, index in FRAMES}
+            for bag_result in bag_results:
+                header = bag_result.header
+                response = client.segment(Segment.Request(
+                    query=bag_result.query, use_image=True,
+                    image=cv2_to_imgmsg(scene(frames[_stamp(header)]), "rgb8", header)))
+                assert response.success, response.error
+                assert response.answer == bag_result.answer
+                assert len(response.targets) == len(bag_result.targets) == MAX_NEW_TOKENS
+                for node_target, bag_target in zip(response.targets, bag_result.targets):
+                    assert (_mask(node_target.mask) == _mask(bag_target.mask)).all()
+                    assert node_target.confidence == pytest.approx(bag_target.confidence, abs=1e-6)
+        finally:
+            client.close()
+            end_process(process)
 
 
 def test_outputs_have_the_node_types_and_one_result_per_query(raw_run):
@@ -253,89 +316,51 @@ def test_video_has_one_overlay_per_answered_query_and_jsonl_lines_parse(raw_run)
     assert records[0]["targets"] == [] and records[0]["frame_stamp_ns"] is None
 
 
-@pytest.fixture(scope="module")
-def compressed_runs(model, tmp_path_factory, raw_run):
-    """mcap bags of png and of jpeg frames, answered from a queries file, input copied over."""
-    folder = tmp_path_factory.mktemp("compressed")
-    queries = folder / "queries.txt"
-    queries.write_text("# seconds from the bag's start, then the instruction\n\n"
-                       + "".join(f"{s} {text}\n" for s, text in QUERIES))
-    runs = {}
-    for compression in ("png", "jpg"):
-        write_bag(folder / f"{compression}_in", "mcap", compression, query_topic=False)
-        completed = run_tool(folder / f"{compression}_in", "--out", folder / f"{compression}_out", "--model",
-                             model, "--depth-topic", "--queries", queries, "--copy-input",
-                             "--max-new-tokens", MAX_NEW_TOKENS)
-        assert completed.returncode == 0, completed.stderr
-        runs[compression] = dict(folder=folder / f"{compression}_out",
-                                 output=read_bag(folder / f"{compression}_out"))
-    return runs
+def test_compressed_frames_in_mcap_answered_from_a_queries_file(runs, raw_run, tmp_path):
+    from lisa_ros.bag import main
 
-
-def test_compressed_frames_in_mcap_answered_from_a_queries_file(compressed_runs, raw_run):
+    png = finished(runs, "png")
+    # jpeg in this process (the real command ran twice already), written as sqlite3.
+    write_bag(tmp_path / "jpg_in", "mcap", "jpg", query_topic=False)
+    assert main([str(tmp_path / "jpg_in"), "--out", str(tmp_path / "jpg_out"), "--model", str(runs["model"]),
+                 "--depth-topic", "--queries", str(runs["queries"]), "--storage", "sqlite3",
+                 "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     raw_results = ros_messages(raw_run["output"]["/lisa/result"])
-    for compression, run in compressed_runs.items():
-        assert any(p.suffix == ".mcap" for p in run["folder"].iterdir()), "the input's storage"
-        output = run["output"]
-        results = ros_messages(output["/lisa/result"])
+    for out, storage in ((png["out"], ".mcap"), (tmp_path / "jpg_out", ".db3")):
+        assert any(p.suffix == storage for p in out.iterdir()), "the input's storage, or --storage"
+        results = ros_messages(read_bag(out)["/lisa/result"])
         assert [r.status for r in results] == [int(s) for s in EXPECTED_STATUS], [r.error for r in results]
         assert [_stamp(r.header) for r in results] == [_stamp(r.header) for r in raw_results]
-        for topic in ("/camera/image_raw", "/camera/depth/image_raw", "/camera/camera_info"):
-            assert len(output[topic][2]) == len(FRAMES), f"--copy-input copies {topic}"
-        assert "/lisa/query" not in output
+        assert all(len(r.targets) == MAX_NEW_TOKENS and r.targets[0].centroid_3d_valid
+                   for r in results if r.success)
+    for topic, count in (("/camera/image_raw", len(FRAMES)), ("/camera/depth/image_raw", len(FRAMES)),
+                         ("/camera/camera_info", len(FRAMES) + 1)):
+        assert len(png["output"][topic][2]) == count, f"--copy-input copies {topic}"
+    assert "/lisa/query" not in png["output"]
     # png is lossless: the same pixels as the raw frames, so the same masks.
-    for png, raw in zip(ros_messages(compressed_runs["png"]["output"]["/lisa/result"]), raw_results):
-        assert [(_mask(a.mask) == _mask(b.mask)).all() for a, b in zip(png.targets, raw.targets)] == \
+    for from_png, raw in zip(ros_messages(png["output"]["/lisa/result"]), raw_results):
+        assert [(_mask(a.mask) == _mask(b.mask)).all() for a, b in zip(from_png.targets, raw.targets)] == \
                [True] * len(raw.targets)
 
 
-def test_masks_equal_the_nodes_answers_on_the_same_frames(raw_run, model, tmp_path_factory):
-    from lisa_ros.client import PerceptionClient
-    from lisa_ros.image_conv import cv2_to_imgmsg
-    from lisa_ros.srv import Segment
-    from ros_support import ros_session
+def test_a_truncated_bag_gets_one_clear_error(tmp_path, capsys):
+    from lisa_ros.bag import main
 
-    bag_results = [r for r in ros_messages(raw_run["output"]["/lisa/result"]) if r.success]
-    with ros_session(tmp_path_factory.mktemp("bag_node")) as ros:
-        process, log = start_perception_node(ros, {"model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS})
-        client = PerceptionClient(ros["context"], name="bag_test_user", camera=False)
-        try:
-            assert client.wait_for_node(timeout_s=60)["model_loaded"], log.read_text()
-            frames = {_ns(s) - STAMP_LAG_NS: index for s, index in FRAMES}
-            for bag_result in bag_results:
-                header = bag_result.header
-                response = client.segment(Segment.Request(
-                    query=bag_result.query, use_image=True,
-                    image=cv2_to_imgmsg(scene(frames[_stamp(header)]), "rgb8", header)))
-                assert response.success, response.error
-                assert response.answer == bag_result.answer
-                assert len(response.targets) == len(bag_result.targets) == MAX_NEW_TOKENS
-                for node_target, bag_target in zip(response.targets, bag_result.targets):
-                    assert (_mask(node_target.mask) == _mask(bag_target.mask)).all()
-                    assert node_target.confidence == pytest.approx(bag_target.confidence, abs=1e-6)
-        finally:
-            client.close()
-            end_process(process)
-
-
-def test_a_truncated_bag_gets_one_clear_error(raw_run, tmp_path):
     for storage in ("sqlite3", "mcap"):
         bag = tmp_path / f"{storage}_cut"
         write_bag(bag, storage, "raw")
         data_file = next(p for p in bag.iterdir() if p.suffix in (".db3", ".mcap"))
         data_file.write_bytes(data_file.read_bytes()[:data_file.stat().st_size // 2])
-        completed = run_tool(bag, "--out", tmp_path / f"{storage}_out")
-        assert completed.returncode == 2
-        lines = completed.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"lisa-bag: error: bag {bag} is truncated or corrupt: "), \
-            completed.stderr
+        assert main([str(bag), "--out", str(tmp_path / f"{storage}_out")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"lisa-bag: error: bag {bag} is truncated or corrupt: "), lines
         assert not (tmp_path / f"{storage}_out").exists()
 
 
 def test_a_missing_topic_lists_the_bags_topics(raw_run, tmp_path, capsys):
     from lisa_ros.bag import main
 
-    bag = raw_run["folder"] / "in"
+    bag = raw_run["folder"] / "raw_in"
     assert main([str(bag), "--out", str(tmp_path / "o1"), "--image-topic", "/camera/color"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("lisa-bag: error: topic /camera/color (--image-topic) is not in bag")
@@ -355,7 +380,7 @@ def test_a_missing_topic_lists_the_bags_topics(raw_run, tmp_path, capsys):
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
 
 
-def test_an_unknown_image_encoding_names_the_frame(raw_run, model, tmp_path, capsys):
+def test_an_unknown_image_encoding_names_the_frame(model, tmp_path, capsys):
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     from lisa_ros.bag import main
@@ -373,4 +398,4 @@ def test_an_unknown_image_encoding_names_the_frame(raw_run, model, tmp_path, cap
     assert main([str(bag), "--out", str(tmp_path / "out"), "--model", str(model)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("lisa-bag: error: frame on /camera/image_raw at 0.000 s cannot be used: ")
-    assert "'yuv422'" in error
+    assert "'yuv422'" in error and not (tmp_path / "out").exists()

@@ -1,13 +1,20 @@
-"""sensor_msgs/Image <-> numpy: every encoding, padded rows, both byte orders, and clear errors."""
+"""sensor_msgs/Image and CompressedImage <-> numpy: every encoding, padded rows, both byte orders, jpeg
+and png as image_transport writes them, messages from bags read without ROS, and clear errors."""
 
 import array
+import subprocess
+import sys
 
+import cv2
 import numpy as np
 import pytest
-from sensor_msgs.msg import Image
+from rclpy.serialization import serialize_message
+from rosbags.typesys import Stores, get_typestore
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from lisa_ros.image_conv import ENCODINGS, ImageConversionError, cv2_to_imgmsg, imgmsg_to_cv2
+from lisa_ros.image_conv import (ENCODINGS, ImageConversionError, compressed_imgmsg_to_cv2,
+                                 cv2_to_compressed_imgmsg, cv2_to_imgmsg, imgmsg_to_cv2)
 from lisa_core.errors import InputError
 
 HEIGHT, WIDTH = 5, 7
@@ -180,3 +187,182 @@ def test_arrays_that_do_not_match_the_encoding_are_refused(array_, encoding, wor
 def test_single_channel_array_with_a_channel_axis_is_accepted():
     gray = sample_image("mono8")
     np.testing.assert_array_equal(imgmsg_to_cv2(cv2_to_imgmsg(gray[:, :, None], "mono8")), gray)
+
+
+# ---- compressed frames (image_transport's compressed transport) ------------------------------------
+
+def smooth_image(height: int = 48, width: int = 64) -> np.ndarray:
+    """rgb8 gradients: what jpeg keeps well (its loss on noise would say nothing about the decoding)."""
+    rows, columns = np.mgrid[:height, :width]
+    return np.dstack([columns * 255 // (width - 1), rows * 255 // (height - 1),
+                      (rows + columns) * 255 // (height + width - 2)]).astype(np.uint8)
+
+
+def compressed_message(format_: str, data: bytes) -> CompressedImage:
+    return CompressedImage(format=format_, data=data)
+
+
+def test_png_round_trip_is_exact_and_stores_bgr_as_image_transport_does():
+    rgb = sample_image("rgb8")
+    header = Header(frame_id="camera")
+    msg = cv2_to_compressed_imgmsg(rgb, "png", header)
+    assert msg.format == "rgb8; png compressed bgr8"
+    assert msg.header.frame_id == "camera" and isinstance(msg.data, array.array)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(bytes(msg.data), np.uint8), cv2.IMREAD_UNCHANGED),
+                                  rgb[:, :, ::-1])
+    np.testing.assert_array_equal(compressed_imgmsg_to_cv2(msg), rgb)
+    np.testing.assert_array_equal(compressed_imgmsg_to_cv2(msg, "bgr8"), rgb[:, :, ::-1])
+
+    gray = sample_image("mono8")
+    mono = cv2_to_compressed_imgmsg(gray, "png")
+    assert mono.format == "mono8; png compressed mono8"
+    np.testing.assert_array_equal(compressed_imgmsg_to_cv2(mono, "mono8"), gray)
+
+
+def test_jpeg_round_trip_is_close():
+    rgb = smooth_image()
+    msg = cv2_to_compressed_imgmsg(rgb, "jpeg")
+    assert msg.format == "rgb8; jpeg compressed bgr8"
+    decoded = compressed_imgmsg_to_cv2(msg)
+    assert decoded.shape == rgb.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - rgb).mean() < 3
+    # The channels are not swapped: red stays where red was.
+    assert np.abs(decoded[:, :, 0].astype(int) - rgb[:, :, 0]).mean() < 3
+
+
+@pytest.mark.parametrize("format_, suffix, channels", [
+    ("jpeg", ".jpg", 3), ("png", ".png", 3), ("rgb8; jpeg compressed bgr8", ".jpg", 3),
+    ("bgr8; png compressed bgr8", ".png", 3), ("rgba8; png compressed bgra8", ".png", 4),
+])
+def test_every_format_image_transport_writes_decodes_to_rgb8(format_, suffix, channels):
+    rgb = smooth_image()
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    file_pixels = bgr if channels == 3 else np.dstack([bgr, np.full(rgb.shape[:2], 255, np.uint8)])
+    ok, encoded = cv2.imencode(suffix, file_pixels)
+    assert ok
+    decoded = compressed_imgmsg_to_cv2(compressed_message(format_, encoded.tobytes()))
+    assert decoded.shape == rgb.shape
+    assert np.abs(decoded.astype(int) - rgb).mean() < (3 if suffix == ".jpg" else 1e-9)
+
+
+def test_mono_jpeg_decodes_to_mono8_and_rgb8():
+    gray = smooth_image()[:, :, 0]
+    ok, encoded = cv2.imencode(".jpg", gray)
+    msg = compressed_message("mono8; jpeg compressed mono8", encoded.tobytes())
+    mono = compressed_imgmsg_to_cv2(msg, "mono8")
+    assert mono.shape == gray.shape and np.abs(mono.astype(int) - gray).mean() < 3
+    rgb = compressed_imgmsg_to_cv2(msg)
+    assert rgb.shape == gray.shape + (3,)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[:, :, channel], mono)
+
+
+def encoded(suffix: str, image: np.ndarray) -> bytes:
+    return cv2.imencode(suffix, image)[1].tobytes()
+
+
+@pytest.mark.parametrize("format_, data, words", [
+    ("jpeg", b"", ["no data"]),
+    ("jpeg", bytes(range(200)), ["not a jpeg file", "starts with"]),
+    ("png", encoded(".jpg", smooth_image()), ["not a png file", "'png'"]),
+    ("jpeg", encoded(".jpg", smooth_image())[:300], ["corrupt or truncated", "jpeg"]),
+    ("png", encoded(".png", smooth_image())[:200], ["corrupt or truncated", "png"]),
+    ("tiff", encoded(".png", smooth_image()), ["unsupported compressed image format", "'tiff'", "jpeg or png"]),
+    ("", encoded(".png", smooth_image()), ["unsupported compressed image format", "''"]),
+    ("16UC1; compressedDepth png", encoded(".png", np.zeros((4, 4), np.uint16)), ["compressedDepth"]),
+    ("png", encoded(".png", np.full((4, 4), 1000, np.uint16)), ["uint16", "8-bit"]),
+], ids=["empty", "garbage", "jpeg named png", "truncated jpeg", "truncated png", "unknown format",
+        "no format", "compressed depth", "16-bit png"])
+def test_bad_compressed_images_are_refused_with_the_problem(format_, data, words):
+    with pytest.raises(ImageConversionError) as error:
+        compressed_imgmsg_to_cv2(compressed_message(format_, data))
+    for word in words:
+        assert word in str(error.value)
+    assert isinstance(error.value, InputError)
+
+
+@pytest.mark.parametrize("image, format_, words", [
+    (np.zeros((4, 4, 3), np.float32), "png", ["uint8", "float32"]),
+    (np.zeros((4, 4, 4), np.uint8), "png", ["(4, 4, 4)"]),
+    (np.zeros((0, 4, 3), np.uint8), "png", ["empty"]),
+    (np.zeros((4, 4, 3), np.uint8), "webp", ["unsupported compression", "'webp'"]),
+])
+def test_arrays_that_cannot_be_compressed_are_refused(image, format_, words):
+    with pytest.raises(ImageConversionError) as error:
+        cv2_to_compressed_imgmsg(image, format_)
+    for word in words:
+        assert word in str(error.value)
+
+
+# ---- messages read from bags, without ROS ---------------------------------------------------------
+
+TYPESTORE = get_typestore(Stores.ROS2_JAZZY)
+
+
+def test_reads_images_deserialized_by_rosbags():
+    for encoding in ("rgb8", "16UC1", "32FC1"):
+        image = sample_image(encoding)
+        msg = raw_message(encoding, image, padding=3)
+        from_bag = TYPESTORE.deserialize_cdr(serialize_message(msg), "sensor_msgs/msg/Image")
+        assert isinstance(from_bag.data, np.ndarray)
+        np.testing.assert_array_equal(imgmsg_to_cv2(from_bag), image)
+
+    rgb = sample_image("rgb8")
+    compressed = TYPESTORE.deserialize_cdr(serialize_message(cv2_to_compressed_imgmsg(rgb, "png")),
+                                           "sensor_msgs/msg/CompressedImage")
+    np.testing.assert_array_equal(compressed_imgmsg_to_cv2(compressed), rgb)
+
+
+@pytest.mark.parametrize("kind", [bytes, lambda b: array.array("B", b), list, lambda b: np.frombuffer(b, np.uint8)],
+                         ids=["bytes", "array.array", "list", "numpy"])
+def test_every_kind_of_data_field_is_read(kind):
+    image = sample_image("mono16")
+    msg = raw_message("mono16", image, padding=2)
+    bag_type = TYPESTORE.types["sensor_msgs/msg/Image"]
+    header = TYPESTORE.types["std_msgs/msg/Header"](stamp=TYPESTORE.types["builtin_interfaces/msg/Time"](0, 0),
+                                                     frame_id="camera")
+    bag_msg = bag_type(header=header, height=msg.height, width=msg.width, encoding=msg.encoding,
+                       is_bigendian=msg.is_bigendian, step=msg.step, data=kind(bytes(msg.data)))
+    np.testing.assert_array_equal(imgmsg_to_cv2(bag_msg), image)
+
+
+def test_a_data_field_of_other_values_is_refused():
+    bag_msg = TYPESTORE.types["sensor_msgs/msg/CompressedImage"](
+        header=None, format="png", data=np.zeros(4, np.float32))
+    with pytest.raises(ImageConversionError, match="uint8"):
+        compressed_imgmsg_to_cv2(bag_msg)
+    bag_msg.data = [0, 300]
+    with pytest.raises(ImageConversionError, match="0..255"):
+        compressed_imgmsg_to_cv2(bag_msg)
+
+
+WITHOUT_ROS = """
+import sys
+for name in ("rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "builtin_interfaces", "rosidl_runtime_py"):
+    sys.modules[name] = None  # importing any of them now fails
+import cv2
+import numpy as np
+from rosbags.typesys import Stores, get_typestore
+from lisa_ros.geometry import DepthView, pair_depth, target_geometry
+from lisa_ros.image_conv import compressed_imgmsg_to_cv2, imgmsg_to_cv2
+
+types = get_typestore(Stores.ROS2_JAZZY).types
+header = types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](0, 0), frame_id="camera")
+rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+image = types["sensor_msgs/msg/Image"](header=header, height=4, width=6, encoding="rgb8", is_bigendian=0,
+                                       step=18, data=rgb.reshape(-1))
+assert (imgmsg_to_cv2(image, "bgr8") == rgb[:, :, ::-1]).all()
+png = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))[1].reshape(-1)
+compressed = types["sensor_msgs/msg/CompressedImage"](header=header, format="rgb8; png compressed bgr8", data=png)
+assert (compressed_imgmsg_to_cv2(compressed) == rgb).all()
+depth, reason = pair_depth([(0, np.full((4, 6), 900, np.uint16), "16UC1")], 0, (4, 6), 0.1,
+                           [5.0, 0, 3, 0, 5.0, 2, 0, 0, 1])
+assert reason == "" and target_geometry(np.ones((4, 6), bool), (2.5, 1.5), depth).centroid_3d[2] > 0.89
+print("converted without ROS")
+"""
+
+
+def test_conversions_and_geometry_work_without_ros():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_ROS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "converted without ROS" in result.stdout

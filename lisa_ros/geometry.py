@@ -117,9 +117,7 @@ def interior_point(mask: np.ndarray) -> Optional[tuple[float, float, float]]:
     counting as off the mask (a one-pixel mask has clearance 1). Ties go to the first pixel in row
     order. None for an empty mask.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2:
-        raise InputError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    mask = _as_mask(mask)
     window = _bounding_window(mask)
     return None if window is None else _interior_in(mask, window)
 
@@ -135,9 +133,7 @@ def target_geometry(mask: np.ndarray, centroid: Optional[tuple[float, float]], d
     BOX_DEPTH_PERCENTILES of the mask's depths dropped, then the min/max box of the rest along the
     optical frame's axes, as centre and size. `no_depth_reason` is the depth error when `depth` is None.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2:
-        raise InputError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    mask = _as_mask(mask)
     window = _bounding_window(mask)
     interior = None if window is None else _interior_in(mask, window)
     interior_px = None if interior is None else interior[:2]
@@ -199,7 +195,7 @@ def cloud_points(masks: Sequence[np.ndarray], depth: DepthView, max_points: int,
         raise InputError(f"max_points must be >= 0, got {max_points}")
     crops = []  # (target index, window, depth there, valid pixels there, how many)
     for target, mask in enumerate(masks):
-        mask = np.asarray(mask, dtype=bool)
+        mask = _as_mask(mask)
         _check_registered(depth.depth_m, mask)
         window = _bounding_window(mask)
         if window is not None:
@@ -250,6 +246,13 @@ def pair_depth(depth_images: Sequence[tuple[int, np.ndarray, str]], frame_stamp_
         return DepthView(depth_in_metres(depth, encoding), Intrinsics.from_k(camera_k)), ""
     except InputError as error:
         return None, str(error)
+
+
+def _as_mask(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise InputError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    return mask
 
 
 def _check_registered(depth_m: np.ndarray, mask: np.ndarray) -> None:

@@ -43,11 +43,10 @@ from lisa_core.result import Target
 from lisa_ros.geometry import DepthView, TargetGeometry, cloud_points, pair_depth, target_geometry
 from lisa_ros.image_conv import compressed_imgmsg_to_cv2, imgmsg_to_cv2
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, is_model_dir, resolve_model, write_tiny_preset
-from lisa_ros.parameters import PARAMETERS_BY_NAME, PRECISIONS
+from lisa_ros.parameters import PACKAGE, PARAMETERS_BY_NAME, PRECISIONS
 from lisa_ros.status import Status
 from lisa_ros.worker import Frame, InferenceWorker, Outcome, Query, WorkerSettings
 
-PACKAGE = "lisa_ros"
 # The package's own message types the outputs use, each after the ones it refers to.
 INTERFACE_TYPES = ("Target", "SegmentationResult")
 # Where a pip-installed package keeps its copy of msg/ (setup.py puts it there).
@@ -553,7 +552,8 @@ def run(args: argparse.Namespace) -> int:
         bag.close()
 
 
-def _run(args: argparse.Namespace, store, bag: BagReader) -> int:
+def _inputs(args: argparse.Namespace, bag: BagReader) -> tuple[InputTopics, Optional[list[tuple[float, str]]]]:
+    """The input topics, checked against the bag, and the queries file's queries (None: the query topic)."""
     bag.topic_type(args.image_topic, (IMAGE, COMPRESSED_IMAGE), "--image-topic")
     if args.depth_topic:
         bag.topic_type(args.depth_topic, (IMAGE,), "--depth-topic")
@@ -571,6 +571,11 @@ def _run(args: argparse.Namespace, store, bag: BagReader) -> int:
         raise BagError(f"no queries: {args.queries} holds no '<seconds> <instruction>' line")
     topics = InputTopics(args.image_topic, args.depth_topic, args.camera_info_topic if args.depth_topic else None,
                          None if file_queries is not None else args.query_topic)
+    return topics, file_queries
+
+
+def _run(args: argparse.Namespace, store, bag: BagReader) -> int:
+    topics, file_queries = _inputs(args, bag)
     outputs = OutputTopics.node_defaults()
     if args.copy_input and (taken := sorted(set(vars(outputs).values()) & set(bag.reader.topics))):
         raise BagError(f"bag {args.bag} already has the output topics {', '.join(taken)}: "
@@ -590,11 +595,10 @@ def _run(args: argparse.Namespace, store, bag: BagReader) -> int:
     try:
         with Writer(args.out, version=BAG_VERSION, storage_plugin=storage) as writer:
             connections = _output_connections(writer, store, outputs, bool(args.depth_topic))
-            copies: dict = {}
             progress = tqdm(bag.messages(wanted), total=bag.count(wanted), unit="msg", file=sys.stderr,
                             desc="lisa-bag")
             for number, moment in enumerate(moments(bag, topics, file_queries,
-                                                    _copied(progress, writer, store, copies, args.copy_input)), 1):
+                                                    _copied(progress, writer, store, args.copy_input)), 1):
                 image = None if moment.frame is None else frame_image(
                     moment.frame[2], args.image_topic, (moment.frame[0] - bag.reader.start_time) / 1e9)
                 outcome = answerer.answer(moment, number, image)
@@ -642,8 +646,9 @@ def _output_connections(writer, store, outputs: OutputTopics, with_depth: bool) 
     return {topic: writer.add_connection(topic, msgtype, typestore=store) for topic, msgtype in types.items()}
 
 
-def _copied(messages, writer, store, copies: dict, copy: bool) -> Iterator[tuple[Any, int, bytes]]:
+def _copied(messages, writer, store, copy: bool) -> Iterator[tuple[Any, int, bytes]]:
     """`messages`, each also written to the output when `copy` is set (one output connection per input one)."""
+    copies: dict = {}
     for connection, log_ns, raw in messages:
         if copy:
             if connection.id not in copies:

@@ -264,6 +264,8 @@ def test_mask_centroid_and_explanation_follow_each_answer(raw_run):
 
 
 def test_depth_gives_3d_points_boxes_and_the_target_cloud(raw_run):
+    from lisa_ros.ros_outputs import CLOUD_FIELDS, CLOUD_POINT_STEP, cloud_arrays
+
     output = raw_run["output"]
     results = [r for r in ros_messages(output["/lisa/result"]) if r.success]
     points, clouds = ros_messages(output["/lisa/target_point"]), ros_messages(output["/lisa/target_cloud"])
@@ -286,12 +288,10 @@ def test_depth_gives_3d_points_boxes_and_the_target_cloud(raw_run):
             (main.centroid_3d.x, main.centroid_3d.y, main.centroid_3d.z)
         assert _stamp(point.header) == _stamp(cloud.header) == _stamp(result.header)
         assert point.header.frame_id == cloud.header.frame_id == FRAME_ID
-        names = [(f.name, f.offset, f.datatype) for f in cloud.fields]
-        assert names == [("x", 0, 7), ("y", 4, 7), ("z", 8, 7), ("target", 12, 6)]
-        points_array = np.frombuffer(bytes(cloud.data), np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
-                                                                   ("target", "<u4")]))
-        assert cloud.width == len(points_array) > 0 and cloud.point_step == 16
-        assert np.allclose(points_array["z"], 1.5) and set(points_array["target"]) == {0, 1}
+        assert [(f.name, f.offset, f.datatype) for f in cloud.fields] == list(CLOUD_FIELDS), "the node's layout"
+        xyz, index = cloud_arrays(cloud)
+        assert cloud.width == len(xyz) > 0 and cloud.point_step == CLOUD_POINT_STEP
+        assert np.allclose(xyz[:, 2], 1.5) and set(index) == {0, 1}
 
 
 def test_video_has_one_overlay_per_answered_query_and_jsonl_lines_parse(raw_run):

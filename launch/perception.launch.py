@@ -7,6 +7,8 @@
         camera_info_topic:=/camera/color/camera_info namespace:=arm_camera
 
 Launch arguments (`ros2 launch lisa_ros perception.launch.py --show-args`):
+    autostart          true: configure (load the model) and activate at start; false: wait for the
+                       lifecycle transitions (ros2 lifecycle set /lisa_perception configure, activate)
     model_path         model folder; empty: the embedded demo model
     device             cpu, cuda or cuda:<index>
     precision          fp32, bf16 or fp16
@@ -17,31 +19,30 @@ Launch arguments (`ros2 launch lisa_ros perception.launch.py --show-args`):
     params_file        YAML with the other parameters (default: the installed config/perception.yaml)
 The arguments override the same parameters in params_file.
 
+The node subscribes to each camera topic as reliably as the camera publishes (image_reliability auto):
+give camera drivers a reliable image QoS for frames of 720p and larger (bench/results_node.md).
+
 `node_description` is plain Python so that tests can check what this file starts without `launch`
 installed; `generate_launch_description` imports launch lazily and passes that description on.
 """
 
 from pathlib import Path
 
-PACKAGE = "lisa_ros"
-EXECUTABLE = "perception_node"
-NODE_NAME = "lisa_perception"
+from lisa_ros.parameters import EXECUTABLE, NODE_NAME, PACKAGE, PARAMETERS_BY_NAME
 
+# The launch arguments that are node parameters of the same name: their defaults and descriptions.
+PARAMETER_ARGUMENTS = ("autostart", "model_path", "device", "precision", "image_topic", "depth_topic",
+                       "camera_info_topic")
 # (name, default, description); the params_file default is filled in from the installed share folder.
 LAUNCH_ARGUMENTS = (
-    ("model_path", "", "Model folder (our format or an official LISA folder); empty: the embedded demo "
-                       "model (models/demo, else the untrained tiny preset)."),
-    ("device", "cpu", "Torch device: cpu, cuda or cuda:<index>."),
-    ("precision", "fp32", "fp32, bf16 or fp16."),
-    ("image_topic", "camera/image_raw", "Camera frames (sensor_msgs/Image)."),
-    ("depth_topic", "camera/depth/image_raw", "Depth registered to the frames (16UC1 mm or 32FC1 m); "
-                                              "empty: no depth."),
-    ("camera_info_topic", "camera/camera_info", "CameraInfo of the frames."),
+    *((name, str(PARAMETERS_BY_NAME[name].default).lower() if isinstance(PARAMETERS_BY_NAME[name].default, bool)
+       else PARAMETERS_BY_NAME[name].default, PARAMETERS_BY_NAME[name].description)
+      for name in PARAMETER_ARGUMENTS),
     ("namespace", "", "Namespace of the node and its relative topic names."),
     ("params_file", None, "YAML parameters file; the launch arguments above override it."),
 )
-# The launch arguments that are node parameters of the same name.
-PARAMETER_ARGUMENTS = ("model_path", "device", "precision", "image_topic", "depth_topic", "camera_info_topic")
+# Launch arguments are strings; these parameters are not.
+BOOLEAN_ARGUMENTS = ("autostart",)
 
 
 def default_params_file(share_dir) -> str:
@@ -75,8 +76,9 @@ def generate_launch_description():
     defaults = {"params_file": default_params_file(get_package_share_directory(PACKAGE))}
     declarations = [DeclareLaunchArgument(name, default_value=defaults.get(name, default), description=text)
                     for name, default, text in LAUNCH_ARGUMENTS]
-    # Every argument parameter is a string: without value_type, launch would read "" or "1" as YAML.
+    # Explicit value types: without them, launch would read "" or "1" as YAML.
     arguments = {name: LaunchConfiguration(name) for name, _, _ in LAUNCH_ARGUMENTS}
-    arguments.update({name: ParameterValue(LaunchConfiguration(name), value_type=str)
+    arguments.update({name: ParameterValue(LaunchConfiguration(name),
+                                           value_type=bool if name in BOOLEAN_ARGUMENTS else str)
                       for name in PARAMETER_ARGUMENTS})
     return LaunchDescription([*declarations, Node(**node_description(arguments))])

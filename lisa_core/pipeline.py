@@ -34,6 +34,7 @@ from lisa_core.generate import (
     generate_batch,
 )
 from lisa_core.model import LisaModel
+from lisa_core.precision import PRECISIONS, QUANTIZATIONS
 from lisa_core.preprocess import (
     check_aspect_ratio,
     check_clip_framing,
@@ -53,8 +54,7 @@ from lisa_core.result import (
     Target,
 )
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZATIONS = (None, "8bit", "4bit")
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
 DEFAULT_MAX_NEW_TOKENS = 128
 
 # Progress of a query -> True to cancel it.

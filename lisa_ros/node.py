@@ -1,5 +1,8 @@
 """Runs the `lisa_perception` node: lib/lisa_ros/perception_node, or `python -m lisa_ros.node`.
 
+With `autostart` (the default) the node is configured (the model loaded) and activated before it
+spins; otherwise it waits in the unconfigured state for its lifecycle transitions.
+
 The signal handlers go in before the heavy imports (torch alone takes seconds), so SIGINT or SIGTERM
 at any moment, start-up included, ends the process with exit code 0 and no traceback.
 """
@@ -22,19 +25,25 @@ def main(args=None) -> int:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
-    from lisa_ros.perception_node import NODE_NAME, PerceptionNode
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from lisa_ros.parameters import NODE_NAME
+    from lisa_ros.perception_node import PerceptionNode
 
     if stop.is_set():
         return 0
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     try:
-        node = PerceptionNode()
+        node = PerceptionNode(abort=stop)
     except ParameterException as error:
         print(f"[{NODE_NAME}] cannot start: {error}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+    if node.get_parameter("autostart").value and not stop.is_set():
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS and not stop.is_set():
+            node.trigger_activate()
     while not stop.is_set():
         try:
             executor.spin_once(timeout_sec=0.1)

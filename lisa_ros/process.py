@@ -14,10 +14,8 @@ from typing import Mapping, Sequence, Union
 import yaml
 
 from lisa_core.errors import ConfigurationError
+from lisa_ros.parameters import EXECUTABLE, NODE_NAME, PACKAGE
 
-PACKAGE = "lisa_ros"
-EXECUTABLE = "perception_node"
-NODE_NAME = "lisa_perception"
 LARGE_FRAMES_PROFILE = "fastdds_large_frames.xml"
 PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")  # Jazzy, Humble
 

@@ -253,10 +253,10 @@ class PerceptionNode(LifecycleNode):
 
     def _declare(self, name: str, spec: ParameterSpec) -> None:
         descriptor = ParameterDescriptor(description=spec.description, read_only=spec.changes == FIXED)
-        if spec.choices:
-            descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
-        elif spec.changes == AT_CONFIGURE:
-            descriptor.additional_constraints = "changes only while the node is unconfigured"
+        constraints = ["one of: " + ", ".join(spec.choices)] if spec.choices else []
+        if spec.changes == AT_CONFIGURE:
+            constraints.append("changes only while the node is unconfigured")
+        descriptor.additional_constraints = "; ".join(constraints)
         if spec.limits is not None and isinstance(spec.default, int) and not isinstance(spec.default, bool):
             descriptor.integer_range = [IntegerRange(from_value=int(spec.limits[0]),
                                                      to_value=int(spec.limits[1]), step=1)]

@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from lisa_ros.status import Status
+
 from hardening_support import end_process, start_perception_node
 from node_support import CAMERA_CODE, FRAME_ID, scene, write_segmenting_model
 from ros_support import ros_session, start_python, stop_process
@@ -31,7 +33,7 @@ def node(ros):
     model = write_segmenting_model(ros["tmp"] / "segmenting_model")
     process, log = start_perception_node(ros, {
         "model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS, "track_rate_hz": 30.0,
-        "max_image_age": 10.0, "status_rate_hz": 2.0, "cpu_threads": 1})
+        "max_image_age": 10.0, "diagnostics_rate_hz": 2.0, "cpu_threads": 1})
     yield dict(process=process, log=log)
     end_process(process)
 
@@ -72,11 +74,14 @@ def _mask(image_msg):
 
 
 def test_query_before_any_frame_gets_the_no_frame_error(client):
+    from lisa_ros.msg import SegmentationResult
+
     result = client.query("Where is the red box?")
     assert not result.success and result.error.startswith("no frame yet"), result.error
+    assert result.status == Status.NO_FRAME == SegmentationResult.STATUS_NO_FRAME
     assert result.query_id.startswith("q-") and not result.targets
-    assert client.wait_for(lambda: any(s["event"] == "error" and s["query_id"] == result.query_id
-                                       and result.error in s["last_error"] for s in client.statuses), 5)
+    assert client.wait_for(lambda: any(result.error in (s["last_error"] or "") and s["counts"]["no_frame"] >= 1
+                                       for s in client.statuses), 5)
 
 
 def test_instruction_of_invalid_utf8_bytes_is_refused_with_the_reason(client):
@@ -90,11 +95,12 @@ def test_instruction_of_invalid_utf8_bytes_is_refused_with_the_reason(client):
     assert client.wait_for(lambda: len(client.results) > seen, 10)
     result = client.results[seen]
     assert not result.success and result.error.startswith("bad query: the instruction is not valid UTF-8")
+    assert result.status == Status.BAD_QUERY
 
 
 def test_instruction_yields_mask_centroid_answer_and_result_on_the_frame_used(client, camera):
     result = client.query("Where is the red box?")
-    assert result.success, result.error
+    assert result.success and result.status == Status.OK, result.error
     assert result.answer == "[SEG]" * MAX_NEW_TOKENS and len(result.targets) == MAX_NEW_TOKENS
     assert _stamp(result.header) in camera() and result.header.frame_id == FRAME_ID
     assert client.wait_for(lambda: any(_stamp(m.header) == _stamp(result.header) for m in client.masks)
@@ -114,6 +120,9 @@ def test_instruction_yields_mask_centroid_answer_and_result_on_the_frame_used(cl
     assert main_mask[row, column] or np.hypot(rows - row, columns - column).min() <= 1.0, \
         "the centroid must lie on the target"
     assert main.box.width == columns.max() - columns.min() + 1 and main.box.x_offset == columns.min()
+    interior = int(round(main.interior_px.x)), int(round(main.interior_px.y))
+    assert main_mask[interior[1], interior[0]] and main.interior_clearance_px >= 1.0
+    assert 0.0 <= main.confidence <= 1.0
     assert 0 < result.latency_s < 30
     overlay = client.wait_for(lambda: any(_stamp(o.header) == _stamp(result.header) for o in client.overlays), 5)
     assert overlay, "an overlay of the frame is published while someone subscribes"
@@ -132,6 +141,32 @@ def test_depth_and_camera_info_give_the_hand_computed_3d_point(client, camera):
     point = next(p for p in client.target_points if _stamp(p.header) == _stamp(result.header))
     assert point.header.frame_id == FRAME_ID
     assert (point.point.x, point.point.y, point.point.z) == pytest.approx(expected, abs=1e-5)
+    # The grasp point and the box: everything on the mask is at 1.5 m, so the box is flat at z = 1.5.
+    assert main.interior_3d_valid and main.interior_3d.z == pytest.approx(1.5)
+    assert main.box_3d_valid and main.depth_error == ""
+    assert main.box_3d_center.position.z == pytest.approx(1.5) and main.box_3d_size.z == pytest.approx(0.0)
+    rows, columns = np.nonzero(_mask(main.mask))
+    assert main.box_3d_size.x == pytest.approx((columns.max() - columns.min()) * 1.5 / 100.0, rel=0.05)
+
+
+def test_target_cloud_and_markers_come_with_each_answer(client, camera):
+    from lisa_ros.ros_outputs import cloud_arrays
+    from visualization_msgs.msg import Marker
+
+    result = client.query("What should I pick up?")
+    assert result.success, result.error
+    stamp = _stamp(result.header)
+    assert client.wait_for(lambda: any(_stamp(c.header) == stamp for c in client.clouds)
+                           and any(m.markers and _stamp(m.markers[-1].header) == stamp for m in client.markers), 5)
+    cloud = next(c for c in client.clouds if _stamp(c.header) == stamp)
+    xyz, index = cloud_arrays(cloud)
+    assert cloud.header.frame_id == FRAME_ID and 0 < len(xyz) <= 5000
+    assert set(index.tolist()) == set(range(len(result.targets)))
+    assert np.allclose(xyz[:, 2], 1.5)
+    markers = next(m for m in client.markers if m.markers and _stamp(m.markers[-1].header) == stamp).markers
+    assert markers[0].action == Marker.DELETEALL, "the previous answer's markers are deleted first"
+    assert sorted(m.id for m in markers[1:]) == list(range(3 * len(result.targets)))
+    assert any(m.type == Marker.TEXT_VIEW_FACING and result.answer in m.text for m in markers)
 
 
 def test_service_returns_what_the_topics_publish(client, camera):
@@ -195,8 +230,10 @@ def test_parameters_are_described_with_ranges_and_read_only_flags(client):
         client.node.destroy_client(service)
     assert set(descriptors) == {spec.name for spec in PARAMETERS}
     assert all(d.description for d in descriptors.values())
-    assert descriptors["model_path"].read_only and descriptors["device"].read_only
-    assert descriptors["precision"].read_only and not descriptors["queue_size"].read_only
+    assert descriptors["query_topic"].read_only and descriptors["cameras"].read_only
+    for name in ("model_path", "device", "precision"):  # may change between cleanup and configure
+        assert not descriptors[name].read_only and "unconfigured" in descriptors[name].additional_constraints
+    assert not descriptors["queue_size"].read_only
     queue_range = descriptors["queue_size"].integer_range[0]
     assert (queue_range.from_value, queue_range.to_value) == (1, 1000)
     age_range = descriptors["max_image_age"].floating_point_range[0]
@@ -208,7 +245,8 @@ def test_runtime_parameters_are_checked(client):
     assert not _set_parameter(client, "queue_size", 0).successful
     refused = _set_parameter(client, "overflow_policy", "drop_everything")
     assert not refused.successful and "drop_oldest" in refused.reason
-    assert not _set_parameter(client, "model_path", "/elsewhere").successful, "read-only at run time"
+    refused = _set_parameter(client, "model_path", "/elsewhere")
+    assert not refused.successful and "unconfigured" in refused.reason, "fixed while configured"
     assert _set_parameter(client, "overflow_policy", "reject_new").successful
     assert _set_parameter(client, "overflow_policy", "drop_oldest").successful
 

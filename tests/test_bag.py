@@ -20,8 +20,12 @@ from hardening_support import end_process, start_perception_node
 from node_support import FRAME_ID, K, depth_image, scene, write_segmenting_model
 
 from lisa_ros.bag import new_message, typestore
+from lisa_ros.parameters import DEFAULT_NAMES
 from lisa_ros.status import Status
 
+TOPICS = {name: "/" + DEFAULT_NAMES[f"{name}_topic"] for name in (
+    "image", "depth", "camera_info", "query", "result", "mask", "centroid", "target_point", "explanation",
+    "target_cloud")}  # the node's defaults in the root namespace, as bags record them
 MAX_NEW_TOKENS = 2  # the test model answers '[SEG][SEG]': two targets
 START_NS = 1_700_000_000 * 1_000_000_000  # log time of the bag's first message
 STAMP_LAG_NS = 20_000_000  # frames are stamped 20 ms before they are logged, as a camera's are
@@ -67,8 +71,8 @@ def _frame_message(store, image: np.ndarray, header, compression: str):
 
 
 def write_bag(path: Path, storage: str, compression: str, query_topic: bool = True) -> None:
-    """FRAMES on /camera/image_raw with depth and camera info beside each (same stamps), a camera info
-    at the start, and QUERIES on /lisa/query when `query_topic`."""
+    """FRAMES on the image topic with depth and camera info beside each (same stamps), a camera info
+    at the start, and QUERIES on the query topic when `query_topic`."""
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     store = typestore()
@@ -77,9 +81,9 @@ def write_bag(path: Path, storage: str, compression: str, query_topic: bool = Tr
     with Writer(path, version=8, storage_plugin=StoragePlugin[storage.upper()]) as writer:
         def add(topic, msgtype):
             return writer.add_connection(topic, msgtype, typestore=store), msgtype
-        image_c, depth_c, info_c = (add("/camera/image_raw", frame_type),
-                                    add("/camera/depth/image_raw", "sensor_msgs/msg/Image"),
-                                    add("/camera/camera_info", "sensor_msgs/msg/CameraInfo"))
+        image_c, depth_c, info_c = (add(TOPICS["image"], frame_type),
+                                    add(TOPICS["depth"], "sensor_msgs/msg/Image"),
+                                    add(TOPICS["camera_info"], "sensor_msgs/msg/CameraInfo"))
 
         def camera_info(header):
             return new_message(store, "sensor_msgs/msg/CameraInfo", header=header, height=120, width=160,
@@ -94,10 +98,10 @@ def write_bag(path: Path, storage: str, compression: str, query_topic: bool = Tr
             messages.append((_ns(seconds), info_c, camera_info(header)))
         if query_topic:
             # The 0.5 s query is written before that frame: same log time, and it must still see it.
-            query_c = add("/lisa/query", "std_msgs/msg/String")
+            query_c = add(TOPICS["query"], "std_msgs/msg/String")
             messages += [(_ns(s), query_c, new_message(store, "std_msgs/msg/String", data=text))
                          for s, text in QUERIES]
-        messages.sort(key=lambda item: (item[0], item[1][0].topic != "/lisa/query"))
+        messages.sort(key=lambda item: (item[0], item[1][0].topic != TOPICS["query"]))
         for log_ns, (connection, msgtype), message in messages:
             writer.write(connection, log_ns, store.serialize_cdr(message, msgtype))
 
@@ -201,7 +205,8 @@ def test_masks_equal_the_nodes_answers_on_the_same_frames(runs, model, tmp_path_
         process, log = start_perception_node(ros, {"model_path": str(model), "max_new_tokens": MAX_NEW_TOKENS})
         client = PerceptionClient(ros["context"], name="bag_test_user", camera=False)
         try:
-            bag_results = [r for r in ros_messages(finished(runs, "raw")["output"]["/lisa/result"]) if r.success]
+            raw = finished(runs, "raw")["output"]
+            bag_results = [r for r in ros_messages(raw[TOPICS["result"]]) if r.success]
             assert client.wait_for_node(timeout_s=60)["model_loaded"], log.read_text()
             frames = {_ns(s) - STAMP_LAG_NS: index for s, index in FRAMES}
             for bag_result in bag_results:
@@ -223,17 +228,17 @@ def test_masks_equal_the_nodes_answers_on_the_same_frames(runs, model, tmp_path_
 def test_outputs_have_the_node_types_and_one_result_per_query(raw_run):
     output = raw_run["output"]
     assert {topic: kind for topic, (kind, _, _) in output.items()} == {
-        "/lisa/result": "lisa_ros/msg/SegmentationResult", "/lisa/mask": "sensor_msgs/msg/Image",
-        "/lisa/centroid": "geometry_msgs/msg/PointStamped",
-        "/lisa/target_point": "geometry_msgs/msg/PointStamped",
-        "/lisa/explanation": "std_msgs/msg/String", "/lisa/target_cloud": "sensor_msgs/msg/PointCloud2"}
-    assert output["/lisa/result"][1] == _installed_type_hash("SegmentationResult"), "ros2 bag play matches it"
-    results = ros_messages(output["/lisa/result"])
-    assert [log_ns for log_ns, _ in output["/lisa/result"][2]] == [_ns(s) for s, _ in QUERIES]
+        TOPICS["result"]: "lisa_ros/msg/SegmentationResult", TOPICS["mask"]: "sensor_msgs/msg/Image",
+        TOPICS["centroid"]: "geometry_msgs/msg/PointStamped",
+        TOPICS["target_point"]: "geometry_msgs/msg/PointStamped",
+        TOPICS["explanation"]: "std_msgs/msg/String", TOPICS["target_cloud"]: "sensor_msgs/msg/PointCloud2"}
+    assert output[TOPICS["result"]][1] == _installed_type_hash("SegmentationResult"), "ros2 bag play matches it"
+    results = ros_messages(output[TOPICS["result"]])
+    assert [log_ns for log_ns, _ in output[TOPICS["result"]][2]] == [_ns(s) for s, _ in QUERIES]
     assert [r.status for r in results] == [int(s) for s in EXPECTED_STATUS], [r.error for r in results]
     assert [r.success for r in results] == [s == Status.OK for s in EXPECTED_STATUS]
     assert [r.query for r in results] == [text for _, text in QUERIES]
-    assert results[0].error.startswith("no frame yet") and "/camera/image_raw" in results[0].error
+    assert results[0].error.startswith("no frame yet") and TOPICS["image"] in results[0].error
     assert results[3].error.startswith("frame too old") and "max_image_age 1.0" in results[3].error
     for result, frame_s, (query_s, _) in zip(results, ANSWERED_ON, QUERIES):
         expected = _ns(query_s) if frame_s is None else _ns(frame_s) - STAMP_LAG_NS
@@ -248,12 +253,12 @@ def test_outputs_have_the_node_types_and_one_result_per_query(raw_run):
 
 def test_mask_centroid_and_explanation_follow_each_answer(raw_run):
     output = raw_run["output"]
-    results = [r for r in ros_messages(output["/lisa/result"]) if r.success]
-    masks, centroids = ros_messages(output["/lisa/mask"]), ros_messages(output["/lisa/centroid"])
+    results = [r for r in ros_messages(output[TOPICS["result"]]) if r.success]
+    masks, centroids = ros_messages(output[TOPICS["mask"]]), ros_messages(output[TOPICS["centroid"]])
     assert [_stamp(m.header) for m in masks] == [_stamp(r.header) for r in results]
     assert [_stamp(c.header) for c in centroids] == [_stamp(r.header) for r in results]
-    assert [m.data for m in ros_messages(output["/lisa/explanation"])] == [r.answer for r in results]
-    assert [log_ns for log_ns, _ in output["/lisa/mask"][2]] == [_ns(0.35), _ns(0.5)], "at the queries' times"
+    assert [m.data for m in ros_messages(output[TOPICS["explanation"]])] == [r.answer for r in results]
+    assert [log_ns for log_ns, _ in output[TOPICS["mask"]][2]] == [_ns(0.35), _ns(0.5)], "at the queries' times"
     for result, mask, centroid in zip(results, masks, centroids):
         assert (_mask(mask) == np.logical_or.reduce([_mask(t.mask) for t in result.targets])).all()
         main = max(result.targets, key=lambda t: t.confidence)
@@ -267,8 +272,9 @@ def test_depth_gives_3d_points_boxes_and_the_target_cloud(raw_run):
     from lisa_ros.ros_outputs import CLOUD_FIELDS, CLOUD_POINT_STEP, cloud_arrays
 
     output = raw_run["output"]
-    results = [r for r in ros_messages(output["/lisa/result"]) if r.success]
-    points, clouds = ros_messages(output["/lisa/target_point"]), ros_messages(output["/lisa/target_cloud"])
+    results = [r for r in ros_messages(output[TOPICS["result"]]) if r.success]
+    points = ros_messages(output[TOPICS["target_point"]])
+    clouds = ros_messages(output[TOPICS["target_cloud"]])
     assert len(points) == len(clouds) == len(results) == 2
     fx, cx, fy, cy = K[0], K[2], K[4], K[5]
     for result, point, cloud in zip(results, points, clouds):
@@ -325,20 +331,20 @@ def test_compressed_frames_in_mcap_answered_from_a_queries_file(runs, raw_run, t
     assert main([str(tmp_path / "jpg_in"), "--out", str(tmp_path / "jpg_out"), "--model", str(runs["model"]),
                  "--depth-topic", "--queries", str(runs["queries"]), "--storage", "sqlite3",
                  "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
-    raw_results = ros_messages(raw_run["output"]["/lisa/result"])
+    raw_results = ros_messages(raw_run["output"][TOPICS["result"]])
     for out, storage in ((png["out"], ".mcap"), (tmp_path / "jpg_out", ".db3")):
         assert any(p.suffix == storage for p in out.iterdir()), "the input's storage, or --storage"
-        results = ros_messages(read_bag(out)["/lisa/result"])
+        results = ros_messages(read_bag(out)[TOPICS["result"]])
         assert [r.status for r in results] == [int(s) for s in EXPECTED_STATUS], [r.error for r in results]
         assert [_stamp(r.header) for r in results] == [_stamp(r.header) for r in raw_results]
         assert all(len(r.targets) == MAX_NEW_TOKENS and r.targets[0].centroid_3d_valid
                    for r in results if r.success)
-    for topic, count in (("/camera/image_raw", len(FRAMES)), ("/camera/depth/image_raw", len(FRAMES)),
-                         ("/camera/camera_info", len(FRAMES) + 1)):
+    for topic, count in ((TOPICS["image"], len(FRAMES)), (TOPICS["depth"], len(FRAMES)),
+                         (TOPICS["camera_info"], len(FRAMES) + 1)):
         assert len(png["output"][topic][2]) == count, f"--copy-input copies {topic}"
-    assert "/lisa/query" not in png["output"]
+    assert TOPICS["query"] not in png["output"]
     # png is lossless: the same pixels as the raw frames, so the same masks.
-    for from_png, raw in zip(ros_messages(png["output"]["/lisa/result"]), raw_results):
+    for from_png, raw in zip(ros_messages(png["output"][TOPICS["result"]]), raw_results):
         assert [(_mask(a.mask) == _mask(b.mask)).all() for a, b in zip(from_png.targets, raw.targets)] == \
                [True] * len(raw.targets)
 
@@ -364,11 +370,12 @@ def test_a_missing_topic_lists_the_bags_topics(raw_run, tmp_path, capsys):
     assert main([str(bag), "--out", str(tmp_path / "o1"), "--image-topic", "/camera/color"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("lisa-bag: error: topic /camera/color (--image-topic) is not in bag")
-    assert "/camera/image_raw (sensor_msgs/msg/Image)" in error and "/lisa/query (std_msgs/msg/String)" in error
+    assert f"{TOPICS['image']} (sensor_msgs/msg/Image)" in error
+    assert f"{TOPICS['query']} (std_msgs/msg/String)" in error
 
     assert main([str(bag), "--out", str(tmp_path / "o2"), "--query-topic", "/planner/ask"]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("lisa-bag: error: no queries: topic /planner/ask") and "/camera/camera_info" in error
+    assert error.startswith("lisa-bag: error: no queries: topic /planner/ask") and TOPICS["camera_info"] in error
 
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3")]) == 2
     assert capsys.readouterr().err.strip() == f"lisa-bag: error: bag {tmp_path / 'nowhere'} not found"
@@ -388,8 +395,8 @@ def test_an_unknown_image_encoding_names_the_frame(model, tmp_path, capsys):
     store = typestore()
     bag = tmp_path / "yuv"
     with Writer(bag, version=8, storage_plugin=StoragePlugin.SQLITE3) as writer:
-        image_c = writer.add_connection("/camera/image_raw", "sensor_msgs/msg/Image", typestore=store)
-        query_c = writer.add_connection("/lisa/query", "std_msgs/msg/String", typestore=store)
+        image_c = writer.add_connection(TOPICS["image"], "sensor_msgs/msg/Image", typestore=store)
+        query_c = writer.add_connection(TOPICS["query"], "std_msgs/msg/String", typestore=store)
         frame = new_message(store, "sensor_msgs/msg/Image", header=_header(store, START_NS), height=120,
                             width=160, encoding="yuv422", step=320, data=np.zeros(120 * 320, np.uint8))
         writer.write(image_c, START_NS, store.serialize_cdr(frame, "sensor_msgs/msg/Image"))
@@ -397,5 +404,5 @@ def test_an_unknown_image_encoding_names_the_frame(model, tmp_path, capsys):
             new_message(store, "std_msgs/msg/String", data=INSTRUCTION), "std_msgs/msg/String"))
     assert main([str(bag), "--out", str(tmp_path / "out"), "--model", str(model)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("lisa-bag: error: frame on /camera/image_raw at 0.000 s cannot be used: ")
+    assert error.startswith(f"lisa-bag: error: frame on {TOPICS['image']} at 0.000 s cannot be used: ")
     assert "'yuv422'" in error and not (tmp_path / "out").exists()

@@ -41,6 +41,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -149,6 +150,9 @@ class PerceptionNode(LifecycleNode):
         self._last_event_report = 0.0
         self._closing = False
         self._conversations = ConversationStore(self._conversation_limits(p))
+        # The service and the action await their outcome as coroutines; in the default (mutually
+        # exclusive) group a waiting one would hold back every other callback, its own timeout too.
+        self._awaiting_group = ReentrantCallbackGroup()
 
         self._channels = {name: CameraChannel(name) for name in (p["cameras"] or [""])}
         for channel in self._channels.values():
@@ -352,10 +356,12 @@ class PerceptionNode(LifecycleNode):
         async def on_goal(goal):
             return await self._on_goal(channel, goal)
 
-        self.create_service(Segment, channel.name_of(p["segment_service"]), on_segment)
+        self.create_service(Segment, channel.name_of(p["segment_service"]), on_segment,
+                            callback_group=self._awaiting_group)
         self.create_service(ResetConversation, channel.name_of(p["reset_conversation_service"]),
                             self._on_reset_conversation)
         ActionServer(self, QueryAction, channel.name_of(p["query_action"]), execute_callback=on_goal,
+                     callback_group=self._awaiting_group,
                      goal_callback=lambda _request: GoalResponse.ACCEPT,
                      cancel_callback=lambda _goal: CancelResponse.ACCEPT)
 
@@ -512,8 +518,8 @@ class PerceptionNode(LifecycleNode):
         """Submits `query` (or publishes its refusal) and waits for its result message; None on timeout."""
         answer = Future(executor=self.executor)
         answer.add_done_callback(lambda _: None)  # so that completing it from the worker wakes the executor
-        timer = (self.create_timer(timeout, lambda: answer.done() or answer.set_result(None))
-                 if timeout is not None else None)
+        timer = (self.create_timer(timeout, lambda: answer.done() or answer.set_result(None),
+                                   callback_group=self._awaiting_group) if timeout is not None else None)
         with self._lock:
             self._waiting[id(query)] = answer
         try:

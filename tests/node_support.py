@@ -67,10 +67,11 @@ def run_camera() -> None:
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--stamps-file", type=Path, required=True)
     parser.add_argument("--camera-name", default="", help="one of the node's `cameras`; '' for the single one")
+    parser.add_argument("--topics", type=json.loads, default=None, help="JSON: topic names to override")
     arguments = parser.parse_args()
     rclpy.init()
     camera = PerceptionClient(rclpy.get_default_context(), name=f"test_camera{arguments.camera_name}",
-                              camera_name=arguments.camera_name)
+                              camera_name=arguments.camera_name, topics=arguments.topics)
     while camera.image_pub.get_subscription_count() == 0:
         time.sleep(0.05)
     depth = depth_image()

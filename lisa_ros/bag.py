@@ -43,6 +43,7 @@ from lisa_core.result import Target
 from lisa_ros.geometry import DepthView, TargetGeometry, cloud_points, pair_depth, target_geometry
 from lisa_ros.image_conv import compressed_imgmsg_to_cv2, imgmsg_to_cv2
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, is_model_dir, resolve_model, write_tiny_preset
+from lisa_ros.outputs import CLOUD_POINT, DEPTH_BUFFER_LENGTH, main_target_index, overlay_caption
 from lisa_ros.parameters import PACKAGE, PARAMETERS_BY_NAME, PRECISIONS
 from lisa_ros.status import Status
 from lisa_ros.worker import Frame, InferenceWorker, Outcome, Query, WorkerSettings
@@ -60,10 +61,6 @@ STRING = "std_msgs/msg/String"
 POINT_STAMPED = "geometry_msgs/msg/PointStamped"
 POINT_CLOUD2 = "sensor_msgs/msg/PointCloud2"
 RESULT = "lisa_ros/msg/SegmentationResult"
-# The node keeps this many recent depth images for pairing with frames by stamp.
-DEPTH_BUFFER_LENGTH = 10
-# The target cloud's point layout: x, y, z in metres (optical frame) and the target's index.
-CLOUD_POINT = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("target", "<u4")])
 VIDEO_CODEC = "mp4v"
 
 
@@ -150,12 +147,6 @@ class OutputTopics:
     @classmethod
     def node_defaults(cls) -> "OutputTopics":
         return cls(**{field.name: absolute_topic(node_default(f"{field.name}_topic")) for field in fields(cls)})
-
-
-def main_target_index(targets: Sequence[Target]) -> Optional[int]:
-    """The index of the target with the highest confidence among non-empty ones (the first on a tie)."""
-    candidates = [i for i, t in enumerate(targets) if t.area > 0]
-    return max(candidates, key=lambda i: targets[i].confidence) if candidates else None
 
 
 @dataclass
@@ -611,8 +602,8 @@ def _run(args: argparse.Namespace, store, bag: BagReader) -> int:
                     jsonl.write(json.dumps(outcome_record(answer, (moment.query_ns - bag.reader.start_time) / 1e9))
                                 + "\n")
                 if video is not None and outcome.success:
-                    caption = (f"{'[untrained tiny preset] ' if model.label == UNTRAINED_TINY_LABEL else ''}"
-                               f"{outcome.query.id}: {outcome.result.answer}")
+                    caption = overlay_caption(outcome.query.id, outcome.result.answer,
+                                              untrained=model.label == UNTRAINED_TINY_LABEL)
                     video.add(draw_overlay(outcome.frame.image, outcome.result.targets, caption))
                 progress.set_postfix(queries=number, answered=counts[Status.OK])
             progress.close()

@@ -54,7 +54,7 @@ from visualization_msgs.msg import MarkerArray
 from lisa_core.errors import InputError
 from lisa_core.overlay import draw_overlay
 from lisa_core.preprocess import check_aspect_ratio
-from lisa_core.result import STAGE_DECODING_MASKS, STAGE_ENCODING, STAGE_GENERATING, Target
+from lisa_core.result import STAGE_DECODING_MASKS, STAGE_ENCODING, STAGE_GENERATING
 from lisa_ros import health
 from lisa_ros.conversations import ConversationLimits, ConversationStore
 from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, cloud_points, pair_depth, target_geometry
@@ -62,6 +62,7 @@ from lisa_ros.image_conv import compressed_imgmsg_to_cv2, cv2_to_imgmsg, imgmsg_
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, resolve_model, write_tiny_preset
 from lisa_ros.msg import SegmentationResult as SegmentationResultMsg
 from lisa_ros.msg import Target as TargetMsg
+from lisa_ros.outputs import DEPTH_BUFFER_LENGTH, main_target_index, overlay_caption
 from lisa_ros.parameters import (AT_CONFIGURE, COMPRESSED_SUFFIX, FIXED, NODE_NAME, PARAMETERS,
                                  PARAMETERS_BY_NAME, ParameterSpec)
 from lisa_ros.action import Query as QueryAction
@@ -71,7 +72,6 @@ from lisa_ros.status import Status
 from lisa_ros.worker import STAGE_QUEUED, Frame, InferenceWorker, Outcome, Query, WorkerSettings
 
 COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
-DEPTH_BUFFER_LENGTH = 10  # recent depth images (as received) kept for pairing with frames by stamp
 SHUTDOWN_WORKER_WAIT_S = 1.0
 # The process exits right after close(): results still in flight (a frame-sized mask takes a while)
 # would be lost, and with them a query's only outcome.
@@ -93,12 +93,6 @@ RESULT_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityP
 
 def _stamp_ns(header: Header) -> int:
     return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
-
-
-def _main_target(targets: list[Target]) -> Optional[int]:
-    """Index of the target with the highest confidence among non-empty ones (the first on a tie)."""
-    candidates = [i for i, t in enumerate(targets) if t.area > 0]
-    return max(candidates, key=lambda i: targets[i].confidence) if candidates else None
 
 
 def _sensor_qos(reliable: bool) -> QoSProfile:
@@ -619,7 +613,7 @@ class PerceptionNode(LifecycleNode):
                                                               if channel.camera_info is not None else "")
                                 or header.frame_id)
         outputs["mask_topic"].publish(cv2_to_imgmsg(result.union_mask.astype(np.uint8) * 255, "mono8", header))
-        main = _main_target(result.targets)
+        main = main_target_index(result.targets)
         if main is not None:
             centroid = result.targets[main].centroid
             outputs["centroid_topic"].publish(PointStamped(header=header, point=Point(x=centroid[0], y=centroid[1])))
@@ -639,8 +633,8 @@ class PerceptionNode(LifecycleNode):
             outputs["markers_topic"].publish(marker_array(list(enumerate(geometries)), result.answer,
                                                           optical_header))
         if self.get_parameter("publish_overlay").value and outputs["overlay_topic"].get_subscription_count() > 0:
-            caption = (f"{'[untrained tiny preset] ' if self._model.label == UNTRAINED_TINY_LABEL else ''}"
-                       f"{outcome.query.id}{' (tracked)' if outcome.tracked else ''}: {result.answer}")
+            caption = overlay_caption(outcome.query.id, result.answer, outcome.tracked,
+                                      untrained=self._model.label == UNTRAINED_TINY_LABEL)
             outputs["overlay_topic"].publish(cv2_to_imgmsg(draw_overlay(outcome.frame.image, result.targets, caption),
                                                            "rgb8", header))
         return messages

@@ -20,14 +20,15 @@ from lisa_core.overlay import TARGET_COLOURS
 from lisa_ros.geometry import TargetGeometry
 from lisa_ros.image_conv import byte_array
 from lisa_ros.msg import Target
+from lisa_ros.outputs import CLOUD_POINT
 
-# One point of the cloud: x, y, z in metres (optical frame) and the index of its target in the answer.
-CLOUD_FIELDS = (("x", 0, PointField.FLOAT32), ("y", 4, PointField.FLOAT32), ("z", 8, PointField.FLOAT32),
-                ("target", 12, PointField.UINT32))
-CLOUD_POINT_STEP = 16
-_CLOUD_DTYPE = np.dtype({"names": ["x", "y", "z", "target"], "formats": ["<f4", "<f4", "<f4", "<u4"],
-                         "offsets": [0, 4, 8, 12], "itemsize": CLOUD_POINT_STEP})
 _FIELD_TYPES = {PointField.FLOAT32: "f4", PointField.UINT32: "u4"}
+_POINT_FIELDS = {"f4": PointField.FLOAT32, "u4": PointField.UINT32}
+# The cloud's PointFields, from lisa_ros.outputs.CLOUD_POINT: (name, offset, datatype).
+CLOUD_FIELDS = tuple((name, offset, _POINT_FIELDS[dtype.str[1:]])
+                     for name, (dtype, offset) in CLOUD_POINT.fields.items())
+CLOUD_POINT_STEP = CLOUD_POINT.itemsize
+_CLOUD_DTYPE = CLOUD_POINT
 
 POINT_DIAMETER_M = 0.02
 LABEL_HEIGHT_M = 0.04

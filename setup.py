@@ -45,7 +45,8 @@ setup(
     extras_require={
         "training": ["peft>=0.13", "accelerate>=1.0", "matplotlib", "pyyaml", "tqdm"],
         "ros": ["ros-jazzy-rclpy", "ros-jazzy-std-msgs", "ros-jazzy-sensor-msgs",
-                "ros-jazzy-geometry-msgs"],
+                "ros-jazzy-geometry-msgs", "ros-jazzy-action-msgs", "ros-jazzy-diagnostic-msgs",
+                "ros-jazzy-visualization-msgs"],
         "quantization": ["bitsandbytes"],
         "bag": ["rosbags", "tqdm"],
     },

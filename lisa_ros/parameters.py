@@ -112,8 +112,9 @@ PARAMETERS = (
                   changes=AT_CONFIGURE),
     ParameterSpec("centroid_topic", "lisa/centroid", "Pixel centroid of the main target (x = column, "
                   "y = row).", changes=AT_CONFIGURE),
-    ParameterSpec("target_point_topic", "lisa/target_point", "3D grasp point (interior point) of the main "
-                  "target in the camera's optical frame, metres (needs depth and camera info).",
+    ParameterSpec("target_point_topic", "lisa/target_point", "3D centroid of the main target in the camera's "
+                  "optical frame, metres (needs depth and camera info); grasp points and boxes are per target "
+                  "in the result.",
                   changes=AT_CONFIGURE),
     ParameterSpec("explanation_topic", "lisa/explanation", "The model's answer text.", changes=AT_CONFIGURE),
     ParameterSpec("overlay_topic", "lisa/overlay", "The frame with the masks drawn, rgb8, for RViz.",

@@ -1,0 +1,419 @@
+"""The camera path a robot has: a camera process publishing large frames at 30 Hz to the node with its
+default parameters, in Fast DDS's default environment.
+
+    tools/with_env.sh python bench/bench_camera.py [--seconds 15] [--queries 8] [--out bench/results_node.md]
+    tools/with_env.sh python bench/bench_camera.py --quick --out /tmp/results.md --json /tmp/numbers.json
+
+A camera process (rgb8 frames: the first demo scene scaled to fit; its 16UC1 depth at the same size
+and CameraInfo; one stamp for the three) publishes 1280x720 and 1920x1080 at 30 Hz, best effort (keep last 1) or reliable (keep last 10:
+rmw_qos_profile_default, what image_transport publishers and most drivers use by default). No Fast DDS
+profile and no FASTDDS_BUILTIN_TRANSPORTS in any process, except in one row with
+FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in the camera, the node and this process. The node runs as its
+own process, default parameters (image_reliability auto, max_image_age 1.0) except the model (the
+tests' tiny model that always segments, max_new_tokens 2: two targets per answer) and cpu_threads 1
+(on a shared machine torch's default of every core is slower). A client here asks
+instructions spread over the run on the query topic and reads the node's /diagnostics. Per run:
+- frames received by the node (its diagnostics' frame count) of those the camera sent;
+- queries answered, by status, of those asked; 3D points (targets with centroid_3d_valid) of the
+  targets of the successful answers;
+- query latency: the node's own (result.latency_s) and wall (instruction sent to result here);
+- node CPU (user + system of its process while the camera sent), per frame received and as a share
+  of one core (8 answers included).
+Each combination gets a freshly started node, so that `auto` chooses for that camera. Appends a dated
+section to the results file (--quick: only with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+sys.path[:0] = [str(ROOT / "tests"), str(BENCH_DIR)]
+
+from ros_support import ChildProcess, child_env, reserved_domain_id, start_python, stop_process  # noqa: E402
+
+CAMERA_RATE_HZ = 30.0
+RELIABLE_CAMERA_DEPTH = 10  # rmw_qos_profile_default, image_transport's default publisher QoS
+# Environment variables that choose Fast DDS transports: the default environment has none of them.
+TRANSPORT_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE",
+                       "FASTDDS_BUILTIN_TRANSPORTS")
+LARGE_DATA = "LARGE_DATA"
+MAX_NEW_TOKENS = 2
+CPU_THREADS = 1  # as the other node benchmarks: torch's default (every core) is slower on a shared machine
+QUERY_TIMEOUT_S = 30.0
+NODE_READY_TIMEOUT_S = 120.0
+CAMERA_MATCH_TIMEOUT_S = 60.0
+CAMERA_CODE = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench_camera; "
+               "bench_camera.camera_main(sys.argv[1:])")
+SIZES = {"320x240": (240, 320), "1280x720": (720, 1280), "1920x1080": (1080, 1920)}
+
+
+# ---- the camera process ------------------------------------------------------------------------------
+def camera_qos(reliable: bool):
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    if reliable:
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=RELIABLE_CAMERA_DEPTH,
+                          reliability=ReliabilityPolicy.RELIABLE)
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+
+
+def scaled_k(k: Sequence[float], scale: float, left: float = 0.0, top: float = 0.0) -> list[float]:
+    """Intrinsics of an image scaled by `scale`, then placed at (left, top) in a larger one."""
+    fx, _, cx, _, fy, cy, *_ = k
+    return [fx * scale, 0.0, cx * scale + left, 0.0, fy * scale, cy * scale + top, 0.0, 0.0, 1.0]
+
+
+def demo_scene(index: int):
+    """The demo scene camera number `index` shows (lisa_ros.demo's scenes, in turn)."""
+    from lisa_ros.demo import load_scenes, scenes_dir
+
+    scenes = load_scenes(scenes_dir())
+    return scenes[index % len(scenes)]
+
+
+def demo_view(index: int, height: int, width: int) -> tuple[object, object, list[float]]:
+    """Camera `index`'s demo scene scaled to fit height x width, the rest filled with its background:
+    (rgb8 image, 16UC1 depth, K)."""
+    import cv2
+    import numpy as np
+
+    scene = demo_scene(index)
+    scale = min(height / scene.image.shape[0], width / scene.image.shape[1])
+    size = (round(scene.image.shape[1] * scale), round(scene.image.shape[0] * scale))
+    top, left = (height - size[1]) // 2, (width - size[0]) // 2
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = scene.image[0, 0]
+    image[top:top + size[1], left:left + size[0]] = cv2.resize(scene.image, size, interpolation=cv2.INTER_AREA)
+    depth = np.full((height, width), scene.depth[0, 0], np.uint16)
+    depth[top:top + size[1], left:left + size[0]] = cv2.resize(scene.depth, size, interpolation=cv2.INTER_NEAREST)
+    return image, depth, scaled_k(scene.k, scale, left, top)
+
+
+def camera_main(argv: Sequence[str]) -> None:
+    """A camera process: per camera name, rgb8 frames, 16UC1 depth and CameraInfo with one stamp, at
+    --rate, once every topic has a subscriber; for --seconds, or until SIGINT. A tick it is too late
+    for is skipped, as a driver drops a frame. Writes JSON lines to --report: {"started": time} when it
+    starts sending, then {"sent": {camera: frames}, "seconds": s}."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from lisa_ros.image_conv import cv2_to_imgmsg
+    from lisa_ros.parameters import DEFAULT_NAMES
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cameras", default="", help="comma-separated camera names; '' for the single camera")
+    parser.add_argument("--width", type=int, required=True)
+    parser.add_argument("--height", type=int, required=True)
+    parser.add_argument("--rate", type=float, default=CAMERA_RATE_HZ)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--reliable", action="store_true")
+    parser.add_argument("--report", type=Path, required=True)
+    arguments = parser.parse_args(argv)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    stop = []
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    node = rclpy.create_node("bench_camera")
+    qos = camera_qos(arguments.reliable)
+    cameras = []
+    for index, name in enumerate(arguments.cameras.split(",")):
+        prefix = f"{name}/" if name else ""
+        image, depth, k = demo_view(index, arguments.height, arguments.width)
+        cameras.append(dict(
+            name=name, sent=0, image=cv2_to_imgmsg(image, "rgb8"),
+            depth=cv2_to_imgmsg(depth, "16UC1"),
+            info=CameraInfo(width=arguments.width, height=arguments.height, k=k, distortion_model="plumb_bob",
+                            d=[0.0] * 5),
+            frame_id=f"{name or 'bench'}_camera_optical",
+            publishers=[node.create_publisher(kind, prefix + DEFAULT_NAMES[topic], qos) for kind, topic in
+                        ((Image, "image_topic"), (Image, "depth_topic"), (CameraInfo, "camera_info_topic"))]))
+    for camera in cameras:
+        for message in (camera["image"], camera["depth"], camera["info"]):
+            message.header.frame_id = camera["frame_id"]
+    deadline = time.monotonic() + CAMERA_MATCH_TIMEOUT_S
+    while not all(p.get_subscription_count() > 0 for c in cameras for p in c["publishers"]):
+        if time.monotonic() > deadline or stop:
+            raise SystemExit(f"no subscriber on every camera topic after {CAMERA_MATCH_TIMEOUT_S} s")
+        time.sleep(0.05)
+    time.sleep(1.0)  # matched both ways before the first frame counts
+    with open(arguments.report, "a") as report:
+        report.write(json.dumps({"started": time.time()}) + "\n")
+        report.flush()
+        period, tick = 1.0 / arguments.rate, 0
+        started = time.monotonic()
+        while not stop and time.monotonic() - started < arguments.seconds:
+            stamp = time.time_ns()
+            for camera in cameras:
+                messages = (camera["image"], camera["depth"], camera["info"])
+                for publisher, message in zip(camera["publishers"], messages):
+                    message.header.stamp.sec, message.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+                    publisher.publish(message)
+                camera["sent"] += 1
+            tick = max(tick + 1, int((time.monotonic() - started) / period))
+            time.sleep(max(0.0, started + tick * period - time.monotonic()))
+        report.write(json.dumps({"sent": {c["name"]: c["sent"] for c in cameras},
+                                 "seconds": time.monotonic() - started}) + "\n")
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
+def read_report(path: Path) -> dict:
+    """The camera's report lines merged into one dict."""
+    merged: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            merged.update(json.loads(line))
+    return merged
+
+
+# ---- this process: the node, the camera, the client ----------------------------------------------------
+@contextlib.contextmanager
+def environment(updates: dict, removals: Sequence[str] = ()) -> Iterator[None]:
+    """os.environ with `updates` set and `removals` gone, restored when the block ends."""
+    saved = dict(os.environ)
+    for name in removals:
+        os.environ.pop(name, None)
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def transport_env(env: dict, transports: str) -> dict:
+    """`env` without any Fast DDS transport choice, plus FASTDDS_BUILTIN_TRANSPORTS when `transports`
+    names one ("" keeps the default)."""
+    env = {key: value for key, value in env.items() if key not in TRANSPORT_VARIABLES}
+    if transports:
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = transports
+    return env
+
+
+def start_node(parameters: dict, work: Path, env: dict, namespace: str = "") -> ChildProcess:
+    """The installed node executable with `parameters`, its log in `work`."""
+    from lisa_ros.process import node_command, start_node as start
+
+    folder = work / f"node_{namespace or 'root'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "node.log"
+    return ChildProcess(start(node_command([parameters], folder, namespace=namespace), env, log), log)
+
+
+def start_camera(env: dict, report: Path, log: Path, height: int, width: int, seconds: float, reliable: bool,
+                 cameras: Sequence[str] = ("",), rate: float = CAMERA_RATE_HZ) -> ChildProcess:
+    args = ["--cameras", ",".join(cameras), "--width", str(width), "--height", str(height), "--rate", str(rate),
+            "--seconds", str(seconds), "--report", str(report)]
+    return start_python(CAMERA_CODE, env, log, args=tuple(args + (["--reliable"] if reliable else [])))
+
+
+def wait_started(camera: ChildProcess, report: Path, timeout_s: float) -> float:
+    """When the camera began sending (time.time()); RuntimeError with its output if it did not."""
+    deadline = time.monotonic() + timeout_s
+    while "started" not in read_report(report):
+        if camera.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the camera did not start sending:\n{camera.output()[-3000:]}")
+        time.sleep(0.05)
+    return read_report(report)["started"]
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def wait_for_new_statuses(client, count: int, timeout_s: float) -> None:
+    """Waits until `count` more diagnostics reports have arrived (each carries the node's counts then)."""
+    with client.lock:
+        seen = len(client.statuses)
+    client.wait_for(lambda: len(client.statuses) >= seen + count, timeout_s)
+
+
+def status_counts(results: list, missing: int = 0) -> dict:
+    """Results by status label, plus "no result" for queries that got none in time."""
+    from lisa_ros.status import Status
+
+    counts: dict = {}
+    for result in results:
+        label = Status(result.status).label
+        counts[label] = counts.get(label, 0) + 1
+    if missing:
+        counts["no result"] = missing
+    return counts
+
+
+def format_statuses(counts: dict) -> str:
+    return ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
+
+
+@dataclass
+class CameraRun:
+    size: str
+    reliable: bool
+    transports: str  # "" (default) or a FASTDDS_BUILTIN_TRANSPORTS value
+
+    @property
+    def label(self) -> str:
+        qos = f"reliable, keep last {RELIABLE_CAMERA_DEPTH}" if self.reliable else "best effort, keep last 1"
+        return f"{self.size} | {qos} | {self.transports or 'default'}"
+
+
+def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds: float, queries: int) -> dict:
+    """One combination: a fresh node, the camera for `seconds`, `queries` instructions spread over it."""
+    import rclpy
+    from rclpy.context import Context
+
+    from lisa_ros.client import PerceptionClient
+
+    height, width = SIZES[run.size]
+    work.mkdir(parents=True)
+    env = transport_env(child_env(domain_id, work / "ros_log"), run.transports)
+    node_started = time.monotonic()
+    node = start_node({"model_path": str(model_dir), "max_new_tokens": MAX_NEW_TOKENS, "max_image_age": 1.0,
+                       "cpu_threads": CPU_THREADS}, work, env)
+    camera: Optional[ChildProcess] = None
+    context = Context()
+    with environment({key: env[key] for key in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR")}
+                     | ({"FASTDDS_BUILTIN_TRANSPORTS": run.transports} if run.transports else {}),
+                     TRANSPORT_VARIABLES):
+        rclpy.init(context=context, domain_id=domain_id)
+        client = PerceptionClient(context, name="bench_camera_client", camera=False)
+    try:
+        client.wait_for_node(NODE_READY_TIMEOUT_S)
+        node_ready_s = time.monotonic() - node_started
+        frames_before = client.frames_received()
+        report = work / "camera.jsonl"
+        camera = start_camera(env, report, work / "camera.log", height, width, seconds, run.reliable)
+        wait_started(camera, report, CAMERA_MATCH_TIMEOUT_S + 30)
+        started, cpu_before = time.monotonic(), cpu_seconds(node.pid)
+        results, walls, missing = [], [], 0
+        instruction = demo_scene(0).instruction
+        for index in range(queries):
+            time.sleep(max(0.0, started + (index + 0.5) * seconds / queries - time.monotonic()))
+            sent = time.monotonic()
+            try:
+                results.append(client.query(instruction, QUERY_TIMEOUT_S))
+                walls.append(time.monotonic() - sent)
+            except TimeoutError:
+                missing += 1
+        camera.process.wait(seconds + 60)
+        cpu = cpu_seconds(node.pid) - cpu_before
+        window = time.monotonic() - started
+        wait_for_new_statuses(client, 2, 10.0)
+        frames = client.frames_received() - frames_before
+        with client.lock:
+            reliability = client.statuses[-1].get("image_reliability", "")
+        camera_report = read_report(report)
+    finally:
+        if camera is not None:
+            stop_process(camera)
+        client.close()
+        context.try_shutdown()
+        node_exit = stop_process(node, 20)
+    successes = [r for r in results if r.success]
+    targets = [t for r in successes for t in r.targets]
+    sent_frames = camera_report["sent"][""]
+    return dict(run=asdict(run), label=run.label, sent=sent_frames,
+                sent_hz=sent_frames / camera_report["seconds"], received=frames,
+                received_share=frames / sent_frames if sent_frames else 0.0, reliability=reliability,
+                asked=queries, answered=len(results), ok=len(successes), statuses=status_counts(results, missing),
+                targets=len(targets), points_3d=sum(1 for t in targets if t.centroid_3d_valid),
+                depth_errors=sorted({t.depth_error for t in targets if not t.centroid_3d_valid}),
+                latency_node=[r.latency_s for r in successes], latency_wall=walls,
+                node_cpu_s=cpu, window_s=window, node_ready_s=node_ready_s, node_exit=node_exit)
+
+
+def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) -> str:
+    from bench_node import _ms
+
+    lines = [
+        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: the camera path, default environment "
+        "(bench/bench_camera.py)\n",
+        f"Machine: {machine}.",
+        f"Camera in its own process: rgb8 (a demo scene) + 16UC1 depth + CameraInfo (one stamp) at {CAMERA_RATE_HZ:.0f} Hz, "
+        f"{seconds:.0f} s per row; best effort keep last 1, or reliable keep last {RELIABLE_CAMERA_DEPTH} "
+        "(rmw_qos_profile_default, image_transport's default). Node: a fresh process per row, default "
+        f"parameters (image_reliability auto, max_image_age 1.0) except the tests' tiny segmenting model "
+        f"with max_new_tokens {MAX_NEW_TOKENS} and cpu_threads {CPU_THREADS}; {queries} instructions spread "
+        "over each row. No Fast DDS "
+        "profile and no FASTDDS_BUILTIN_TRANSPORTS, except where the transports column says LARGE_DATA "
+        "(set in the camera, the node and the client).",
+        "Latency in ms, median / p95: `node` = result.latency_s, `wall` = instruction sent to result here. "
+        "CPU: the node process while the camera sent (answers included).\n",
+        "| frames | camera QoS | transports | node subscribed (auto) | sent (Hz) | received by the node | "
+        "queries answered / asked (statuses) | 3D points / targets | latency node | latency wall | "
+        "node CPU per frame received | node CPU (% of a core) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        reliability = sorted({part.split(": ")[-1] for part in row["reliability"].split(", ") if part})
+        per_frame = f"{1000 * row['node_cpu_s'] / row['received']:.1f} ms" if row["received"] else "n/a"
+        lines.append(
+            f"| {row['label']} | {', '.join(reliability) or 'n/a'} | {row['sent']} ({row['sent_hz']:.1f}) | "
+            f"{row['received']} ({100 * row['received_share']:.1f} %) | {row['answered']} / {row['asked']} "
+            f"({format_statuses(row['statuses'])}) | {row['points_3d']} / {row['targets']} | {_ms(row['latency_node'])} | "
+            f"{_ms(row['latency_wall'])} | {per_frame} | {100 * row['node_cpu_s'] / row['window_s']:.0f} |")
+    errors = sorted({error for row in rows for error in row["depth_errors"]})
+    if errors:
+        lines += ["", "Why 3D points were missing: " + "; ".join(errors) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="camera time per row")
+    parser.add_argument("--queries", type=int, default=8, help="instructions per row")
+    parser.add_argument("--quick", action="store_true", help="320x240, both QoS, a few seconds each (for CI)")
+    parser.add_argument("--out", type=Path, help="results file to append to (default bench/results_node.md; "
+                        "--quick: none)")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        seconds, queries = 3.0, 2
+        runs = [CameraRun("320x240", False, ""), CameraRun("320x240", True, "")]
+    else:
+        seconds, queries = arguments.seconds, arguments.queries
+        runs = [CameraRun(size, reliable, "") for size in ("1280x720", "1920x1080") for reliable in (False, True)]
+        runs.append(CameraRun("1280x720", False, LARGE_DATA))
+    out = arguments.out or (None if arguments.quick else ROOT / "bench" / "results_node.md")
+    from bench_node import versions
+    from node_support import write_segmenting_model
+
+    machine = versions()
+
+    with tempfile.TemporaryDirectory(prefix="bench_camera_") as work, reserved_domain_id() as domain_id:
+        model_dir = write_segmenting_model(Path(work) / "model")
+        rows = []
+        for index, run in enumerate(runs):
+            rows.append(measure(run, model_dir, Path(work) / f"run_{index}", domain_id, seconds, queries))
+            print(f"{run.label}: node ready after {rows[-1]['node_ready_s']:.1f} s, {rows[-1]['received']} of "
+                  f"{rows[-1]['sent']} frames received", file=sys.stderr)
+    report = format_report(machine, seconds, queries, rows)
+    print(report)
+    if out is not None:
+        with open(out, "a") as file:
+            file.write(report)
+    numbers = dict(machine=machine, seconds=seconds, queries=queries, rows=rows)
+    if arguments.json is not None:
+        arguments.json.write_text(json.dumps(numbers, indent=1))
+    return numbers
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

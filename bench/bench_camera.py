@@ -5,21 +5,23 @@ default parameters, in Fast DDS's default environment.
     tools/with_env.sh python bench/bench_camera.py --quick --out /tmp/results.md --json /tmp/numbers.json
 
 A camera process (rgb8 frames: the first demo scene scaled to fit; its 16UC1 depth at the same size
-and CameraInfo; one stamp for the three) publishes 1280x720 and 1920x1080 at 30 Hz, best effort (keep last 1) or reliable (keep last 10:
-rmw_qos_profile_default, what image_transport publishers and most drivers use by default). No Fast DDS
-profile and no FASTDDS_BUILTIN_TRANSPORTS in any process, except in one row with
-FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in the camera, the node and this process. The node runs as its
-own process, default parameters (image_reliability auto, max_image_age 1.0) except the model (the
-tests' tiny model that always segments, max_new_tokens 2: two targets per answer) and cpu_threads 1
-(on a shared machine torch's default of every core is slower). A client here asks
-instructions spread over the run on the query topic and reads the node's /diagnostics. Per run:
+and CameraInfo; one stamp for the three) publishes 1280x720 and 1920x1080 at 30 Hz, best effort (keep
+last 1) or reliable (keep last 10: rmw_qos_profile_default, what image_transport publishers and most
+drivers use by default). No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS in any process, except
+in one row with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in every process. The node runs as its own
+process, default parameters (image_reliability auto, max_image_age 1.0) except the model (the tests'
+tiny model that always segments, max_new_tokens 2: two targets per answer) and cpu_threads 1 (on a
+shared machine torch's default of every core is slower). A client here asks instructions spread over
+the run on the query topic and reads the node's /diagnostics. Per row:
 - frames received by the node (its diagnostics' frame count) of those the camera sent;
+- the same camera, run again, to a bare rclpy subscriber process keeping the last 1 (as the node) or
+  the last 10 frames: what the transport delivered, and what rclpy alone takes in time;
 - queries answered, by status, of those asked; 3D points (targets with centroid_3d_valid) of the
-  targets of the successful answers;
+  targets of the successful answers, and why the others have none;
 - query latency: the node's own (result.latency_s) and wall (instruction sent to result here);
 - node CPU (user + system of its process while the camera sent), per frame received and as a share
-  of one core (8 answers included).
-Each combination gets a freshly started node, so that `auto` chooses for that camera. Appends a dated
+  of one core (the answers included), next to the bare subscriber's.
+Each row gets a freshly started node, so that `auto` chooses for that camera. Appends a dated
 section to the results file (--quick: only with --out).
 """
 
@@ -29,8 +31,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -57,7 +59,13 @@ NODE_READY_TIMEOUT_S = 120.0
 CAMERA_MATCH_TIMEOUT_S = 60.0
 CAMERA_CODE = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench_camera; "
                "bench_camera.camera_main(sys.argv[1:])")
+SUBSCRIBER_CODE = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench_camera; "
+                   "bench_camera.subscriber_main(sys.argv[1:])")
 SIZES = {"320x240": (240, 320), "1280x720": (720, 1280), "1920x1080": (1080, 1920)}
+# Bare subscribers' history depths: 1 as the node's subscriptions; 10 keeps whatever the transport
+# delivered even when frames come in bursts faster than the executor takes them.
+BARE_DEPTHS = (1, 10)
+DEPTH_OFFSET = re.compile(r"closest depth image is ([0-9.]+) s from the frame")
 
 
 # ---- the camera process ------------------------------------------------------------------------------
@@ -148,7 +156,7 @@ def camera_main(argv: Sequence[str]) -> None:
         if time.monotonic() > deadline or stop:
             raise SystemExit(f"no subscriber on every camera topic after {CAMERA_MATCH_TIMEOUT_S} s")
         time.sleep(0.05)
-    time.sleep(1.0)  # matched both ways before the first frame counts
+    time.sleep(0.5)  # matched both ways before the first frame counts
     with open(arguments.report, "a") as report:
         report.write(json.dumps({"started": time.time()}) + "\n")
         report.flush()
@@ -166,6 +174,41 @@ def camera_main(argv: Sequence[str]) -> None:
             time.sleep(max(0.0, started + tick * period - time.monotonic()))
         report.write(json.dumps({"sent": {c["name"]: c["sent"] for c in cameras},
                                  "seconds": time.monotonic() - started}) + "\n")
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
+def subscriber_main(argv: Sequence[str]) -> None:
+    """A bare rclpy subscriber to the camera's image, depth and camera info (keep last --depth), spun as
+    the node spins (SingleThreadedExecutor.spin_once); on SIGINT writes its callback counts to --report."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from rclpy.signals import SignalHandlerOptions
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from lisa_ros.parameters import DEFAULT_NAMES
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--depth", type=int, required=True)
+    parser.add_argument("--reliable", action="store_true")
+    parser.add_argument("--report", type=Path, required=True)
+    arguments = parser.parse_args(argv)
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    stop = []
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    node = rclpy.create_node("bench_bare_subscriber")
+    qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=arguments.depth, reliability=(
+        ReliabilityPolicy.RELIABLE if arguments.reliable else ReliabilityPolicy.BEST_EFFORT))
+    counts = {"image": 0, "depth": 0, "camera_info": 0}
+    for key, kind in (("image", Image), ("depth", Image), ("camera_info", CameraInfo)):
+        node.create_subscription(kind, DEFAULT_NAMES[f"{key}_topic"],
+                                 lambda _message, key=key: counts.__setitem__(key, counts[key] + 1), qos)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    while not stop:
+        executor.spin_once(timeout_sec=0.1)
+    arguments.report.write_text(json.dumps(counts))
     node.destroy_node()
     rclpy.try_shutdown()
 
@@ -273,6 +316,33 @@ class CameraRun:
         return f"{self.size} | {qos} | {self.transports or 'default'}"
 
 
+def measure_bare(run: CameraRun, depth: int, work: Path, domain_id: int, seconds: float) -> dict:
+    """The same camera to a bare rclpy subscriber keeping `depth` messages: frames it got, and its CPU."""
+    height, width = SIZES[run.size]
+    work.mkdir(parents=True)
+    env = transport_env(child_env(domain_id, work / "ros_log"), run.transports)
+    counts_path, report = work / "counts.json", work / "camera.jsonl"
+    subscriber = start_python(SUBSCRIBER_CODE, env, work / "subscriber.log", args=(
+        "--depth", str(depth), "--report", str(counts_path), *(["--reliable"] if run.reliable else [])))
+    camera: Optional[ChildProcess] = None
+    try:
+        camera = start_camera(env, report, work / "camera.log", height, width, seconds, run.reliable)
+        wait_started(camera, report, CAMERA_MATCH_TIMEOUT_S + 30)
+        cpu_before = cpu_seconds(subscriber.pid)
+        camera.process.wait(seconds + 60)
+        cpu = cpu_seconds(subscriber.pid) - cpu_before
+        time.sleep(0.5)  # the last frames in flight
+    finally:
+        if camera is not None:
+            stop_process(camera)
+        stop_process(subscriber)
+    if not counts_path.exists():
+        raise RuntimeError(f"the bare subscriber wrote no counts:\n{subscriber.output()[-3000:]}")
+    counts = json.loads(counts_path.read_text())
+    return dict(depth=depth, sent=read_report(report)["sent"][""], received=counts["image"],
+                depth_received=counts["depth"], cpu_s=cpu)
+
+
 def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds: float, queries: int) -> dict:
     """One combination: a fresh node, the camera for `seconds`, `queries` instructions spread over it."""
     import rclpy
@@ -333,44 +403,73 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
                 received_share=frames / sent_frames if sent_frames else 0.0, reliability=reliability,
                 asked=queries, answered=len(results), ok=len(successes), statuses=status_counts(results, missing),
                 targets=len(targets), points_3d=sum(1 for t in targets if t.centroid_3d_valid),
-                depth_errors=sorted({t.depth_error for t in targets if not t.centroid_3d_valid}),
+                depth_errors=[t.depth_error for t in targets if not t.centroid_3d_valid],
                 latency_node=[r.latency_s for r in successes], latency_wall=walls,
                 node_cpu_s=cpu, window_s=window, node_ready_s=node_ready_s, node_exit=node_exit)
+
+
+def missing_3d(errors: list[str]) -> str:
+    """Why targets had no 3D point, in short: the depth offsets found, and any other reasons."""
+    offsets = [float(match.group(1)) for match in map(DEPTH_OFFSET.search, errors) if match]
+    parts = [f"{len(offsets)} with the closest depth image {min(offsets):.2f}-{max(offsets):.2f} s from the "
+             "frame (over depth_max_offset)"] if offsets else []
+    others = [error for error in errors if not DEPTH_OFFSET.search(error)]
+    parts += [f"{others.count(error)} with '{error}'" for error in sorted(set(others))]
+    return "; ".join(parts)
+
+
+def _share(received: int, sent: int) -> str:
+    return f"{received} ({100 * received / sent:.1f} %)" if sent else f"{received}"
 
 
 def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) -> str:
     from bench_node import _ms
 
+    depths = [bare["depth"] for bare in rows[0]["bare"]]
     lines = [
         f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: the camera path, default environment "
         "(bench/bench_camera.py)\n",
         f"Machine: {machine}.",
-        f"Camera in its own process: rgb8 (a demo scene) + 16UC1 depth + CameraInfo (one stamp) at {CAMERA_RATE_HZ:.0f} Hz, "
-        f"{seconds:.0f} s per row; best effort keep last 1, or reliable keep last {RELIABLE_CAMERA_DEPTH} "
-        "(rmw_qos_profile_default, image_transport's default). Node: a fresh process per row, default "
-        f"parameters (image_reliability auto, max_image_age 1.0) except the tests' tiny segmenting model "
-        f"with max_new_tokens {MAX_NEW_TOKENS} and cpu_threads {CPU_THREADS}; {queries} instructions spread "
-        "over each row. No Fast DDS "
-        "profile and no FASTDDS_BUILTIN_TRANSPORTS, except where the transports column says LARGE_DATA "
-        "(set in the camera, the node and the client).",
-        "Latency in ms, median / p95: `node` = result.latency_s, `wall` = instruction sent to result here. "
-        "CPU: the node process while the camera sent (answers included).\n",
+        f"Camera in its own process: rgb8 (a demo scene) + 16UC1 depth + CameraInfo (one stamp) at "
+        f"{CAMERA_RATE_HZ:.0f} Hz, {seconds:.0f} s per row; best effort keep last 1, or reliable keep last "
+        f"{RELIABLE_CAMERA_DEPTH} (rmw_qos_profile_default, image_transport's default). Node: a fresh process "
+        "per row, default parameters (image_reliability auto, max_image_age 1.0) except the tests' tiny "
+        f"segmenting model with max_new_tokens {MAX_NEW_TOKENS} and cpu_threads {CPU_THREADS}; {queries} "
+        "instructions spread over each row. No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS, except "
+        "where the transports column says LARGE_DATA (set in every process of that row). Bare rclpy "
+        "subscriber: the same camera again, to a process that only counts image, depth and camera info "
+        "callbacks (same reliability, SingleThreadedExecutor like the node), keeping "
+        + " or ".join(f"the last {depth}" for depth in depths) + "; each its own run of the camera.\n",
+        "### Frames\n",
         "| frames | camera QoS | transports | node subscribed (auto) | sent (Hz) | received by the node | "
-        "queries answered / asked (statuses) | 3D points / targets | latency node | latency wall | "
-        "node CPU per frame received | node CPU (% of a core) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + " | ".join(f"bare subscriber, keep last {depth}" for depth in depths)
+        + " | node CPU per frame received | node CPU (% of a core) | bare keep last "
+        f"{depths[0]}: CPU per frame |",
+        "|---|---|---|---|---|---|" + "---|" * len(depths) + "---|---|---|",
     ]
     for row in rows:
         reliability = sorted({part.split(": ")[-1] for part in row["reliability"].split(", ") if part})
         per_frame = f"{1000 * row['node_cpu_s'] / row['received']:.1f} ms" if row["received"] else "n/a"
+        first = row["bare"][0]
+        bare_per_frame = f"{1000 * first['cpu_s'] / first['received']:.1f} ms" if first["received"] else "n/a"
         lines.append(
             f"| {row['label']} | {', '.join(reliability) or 'n/a'} | {row['sent']} ({row['sent_hz']:.1f}) | "
-            f"{row['received']} ({100 * row['received_share']:.1f} %) | {row['answered']} / {row['asked']} "
-            f"({format_statuses(row['statuses'])}) | {row['points_3d']} / {row['targets']} | {_ms(row['latency_node'])} | "
-            f"{_ms(row['latency_wall'])} | {per_frame} | {100 * row['node_cpu_s'] / row['window_s']:.0f} |")
-    errors = sorted({error for row in rows for error in row["depth_errors"]})
-    if errors:
-        lines += ["", "Why 3D points were missing: " + "; ".join(errors) + "."]
+            f"{_share(row['received'], row['sent'])} | "
+            + " | ".join(_share(bare["received"], bare["sent"]) for bare in row["bare"])
+            + f" | {per_frame} | {100 * row['node_cpu_s'] / row['window_s']:.0f} | {bare_per_frame} |")
+    lines += [
+        "",
+        "### Queries (latency in ms, median / p95: `node` = result.latency_s, `wall` = instruction sent to "
+        "result here)\n",
+        "| frames | camera QoS | transports | answered / asked (statuses) | 3D points / targets | latency node | "
+        "latency wall | why no 3D point |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['label']} | {row['answered']} / {row['asked']} ({format_statuses(row['statuses'])}) | "
+            f"{row['points_3d']} / {row['targets']} | {_ms(row['latency_node'])} | {_ms(row['latency_wall'])} | "
+            f"{missing_3d(row['depth_errors']) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -384,10 +483,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     arguments = parser.parse_args(argv)
     if arguments.quick:
-        seconds, queries = 3.0, 2
+        seconds, queries, bare_depths = 3.0, 2, BARE_DEPTHS[-1:]
         runs = [CameraRun("320x240", False, ""), CameraRun("320x240", True, "")]
     else:
-        seconds, queries = arguments.seconds, arguments.queries
+        seconds, queries, bare_depths = arguments.seconds, arguments.queries, BARE_DEPTHS
         runs = [CameraRun(size, reliable, "") for size in ("1280x720", "1920x1080") for reliable in (False, True)]
         runs.append(CameraRun("1280x720", False, LARGE_DATA))
     out = arguments.out or (None if arguments.quick else ROOT / "bench" / "results_node.md")
@@ -400,9 +499,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         model_dir = write_segmenting_model(Path(work) / "model")
         rows = []
         for index, run in enumerate(runs):
-            rows.append(measure(run, model_dir, Path(work) / f"run_{index}", domain_id, seconds, queries))
-            print(f"{run.label}: node ready after {rows[-1]['node_ready_s']:.1f} s, {rows[-1]['received']} of "
-                  f"{rows[-1]['sent']} frames received", file=sys.stderr)
+            row = measure(run, model_dir, Path(work) / f"run_{index}", domain_id, seconds, queries)
+            row["bare"] = [measure_bare(run, depth, Path(work) / f"run_{index}_bare_{depth}", domain_id, seconds)
+                           for depth in bare_depths]
+            rows.append(row)
+            print(f"{run.label}: node ready after {row['node_ready_s']:.1f} s, {row['received']} of "
+                  f"{row['sent']} frames received; bare subscribers: "
+                  + ", ".join(f"keep last {b['depth']}: {b['received']} of {b['sent']}" for b in row["bare"]),
+                  file=sys.stderr)
     report = format_report(machine, seconds, queries, rows)
     print(report)
     if out is not None:

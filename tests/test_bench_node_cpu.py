@@ -52,20 +52,24 @@ def test_camera_benchmark_counts_frames_answers_and_3d_points(camera_run):
         assert row["targets"] >= row["ok"] and 0 <= row["points_3d"] <= row["targets"]
         assert row["node_cpu_s"] > 0 and row["window_s"] > 0.9 * numbers["seconds"]
         assert row["node_exit"] == 0
-        assert row["label"] in appended
+        # The same camera to a bare rclpy subscriber: what the transport delivered.
+        bare, = row["bare"]
+        assert bare["depth"] == 10 and 0 < bare["received"] <= bare["sent"] and bare["cpu_s"] > 0, bare
+        assert appended.count(f"| {row['label']} |") == 2  # a row in the frames table and in the queries table
     assert numbers["machine"] in appended
 
 
 def test_cameras_benchmark_measures_one_node_and_three(cameras_run):
     numbers, appended = cameras_run
     setups = [(row["processes"], row["batch_size"]) for row in numbers["rows"]]
-    assert setups == [(1, 8), (1, 1), (3, None)]
+    assert setups == [(1, 8), (1, 1), (3, 8)]
     for row in numbers["rows"]:
         assert row["answered"] == row["asked"] == 3 * (numbers["rounds"] + numbers["bursts"]), row["statuses"]
         assert row["statuses"] == {"ok": row["asked"]}
         assert 0 < row["uss"] < row["rss"]
         assert len(row["single_node"]) == len(row["single_wall"]) == 3 * numbers["rounds"]
-        assert len(row["burst_s"]) == numbers["bursts"] and all(t > 0 for t in row["burst_s"])
+        assert len(row["burst_s"]) == len(row["burst_first_s"]) == numbers["bursts"]
+        assert all(0 < first <= last for first, last in zip(row["burst_first_s"], row["burst_s"]))
         assert row["burst_queries_per_s"] == pytest.approx(3 * numbers["bursts"] / sum(row["burst_s"]))
         assert row["load_s"] > 0 and row["node_exits"] == [0] * row["processes"]
     one, three = numbers["rows"][0], numbers["rows"][2]

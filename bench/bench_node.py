@@ -124,11 +124,11 @@ def _set_parameter(client, name, value) -> None:
 
 
 def _publish_until_received(client, image: np.ndarray, attempts: int = 20) -> bool:
-    """Publishes `image` until the node's status counts a new frame (best effort may lose some)."""
+    """Publishes `image` until the node's diagnostics count a new frame (best effort may lose some)."""
     for _ in range(attempts):
-        frames_before = client.statuses[-1]["counts"]["frames"]
+        frames_before = client.frames_received()
         client.publish_frame(image, time.time_ns())
-        if client.wait_for(lambda: client.statuses[-1]["counts"]["frames"] > frames_before, 0.5):
+        if client.wait_for(lambda: client.frames_received() > frames_before, 0.5):
             return True
     return False
 
@@ -194,7 +194,7 @@ def node_idle_720p(client, node_pid: int, seconds: float) -> dict:
     frame = _frame(0, 720, 1280)
     if not _publish_until_received(client, frame):
         raise TimeoutError("the node receives no 720p frames")
-    received_before = client.statuses[-1]["counts"]["frames"]
+    received_before = client.frames_received()
     cpu_before, bare_before = _cpu_seconds(node_pid), _cpu_seconds(bare.pid)
     published, started = 0, time.monotonic()
     while time.monotonic() - started < seconds:
@@ -203,7 +203,7 @@ def node_idle_720p(client, node_pid: int, seconds: float) -> dict:
         time.sleep(max(0.0, started + published / 30 - time.monotonic()))
     time.sleep(0.5)
     cpu, bare_cpu = _cpu_seconds(node_pid) - cpu_before, _cpu_seconds(bare.pid) - bare_before
-    received = client.statuses[-1]["counts"]["frames"] - received_before
+    received = client.frames_received() - received_before
     bare.send_signal(signal.SIGINT)
     bare.wait(10)
     return {"published": published, "received": received, "cpu_s": cpu, "bare_cpu_s": bare_cpu,
@@ -216,7 +216,7 @@ def node_stream_720p(client, seconds: float) -> dict:
     _set_parameter(client, "track_rate_hz", 30.0)
     # With lossy transports no frame may arrive; the query then fails and nothing is tracked.
     _publish_until_received(client, _frame(0, 720, 1280), attempts=4)
-    received_before = client.statuses[-1]["counts"]["frames"]
+    received_before = client.frames_received()
     client.query("Track the red box")
     first = len(client.results)
     frames = [_frame(index, 720, 1280) for index in range(8)]
@@ -229,8 +229,8 @@ def node_stream_720p(client, seconds: float) -> dict:
     elapsed = time.monotonic() - started
     time.sleep(1.5)  # the last heartbeat carries the final frame count
     client.stop_tracking()
+    received = client.frames_received() - received_before
     with client.lock:
-        received = client.statuses[-1]["counts"]["frames"] - received_before
         tracked = [(r, t) for r, t in zip(client.results[first:], client.result_times[first:]) if r.tracked]
     _set_parameter(client, "tracking", False)
     latencies = [(t - _stamp(r.header)) / 1e9 for r, t in tracked]
@@ -248,7 +248,7 @@ def run_node_benchmarks(model_dir: Path, work: Path, queries: int, seconds: floa
     from lisa_ros.client import PerceptionClient
 
     work.mkdir(parents=True, exist_ok=True)
-    node = NodeUnderTest(model_dir, work, dict(os.environ), {"max_image_age": 5.0, "status_rate_hz": 5.0})
+    node = NodeUnderTest(model_dir, work, dict(os.environ), {"max_image_age": 5.0, "diagnostics_rate_hz": 5.0})
     rclpy.init()
     client = PerceptionClient(rclpy.get_default_context(), name="bench_client")
     try:

@@ -133,12 +133,6 @@ class Camera:
             time.sleep(1.0 / CAMERA_RATE_HZ)
 
 
-def _frames_received(client) -> int:
-    """Camera frames the node reports having received (status heartbeat, once a second)."""
-    with client.lock:
-        return client.statuses[-1]["counts"]["frames"] if client.statuses else 0
-
-
 def _iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     union = np.logical_or(predicted, truth).sum()
     return float(np.logical_and(predicted, truth).sum() / union) if union else 1.0
@@ -202,9 +196,9 @@ def run(arguments) -> int:
         last_query = None
         for index, scene in enumerate(scenes[:arguments.scenes]):
             instruction = scene.instruction
-            frames_before = _frames_received(client)
+            frames_before = client.frames_received()
             camera.show(scene)
-            if not client.wait_for(lambda: _frames_received(client) >= frames_before + 2, 10):
+            if not client.wait_for(lambda: client.frames_received() >= frames_before + 2, 10):
                 raise TimeoutError("the node receives no camera frames")
             asked += 1
             result = client.query(instruction, timeout_s=max(1.0, deadline - time.monotonic()))

@@ -221,12 +221,13 @@ class PerceptionNode(LifecycleNode):
                 self.destroy_subscription(subscription)
             channel.subscriptions.clear()
             channel.pending_subscriptions.clear()
-        if self._worker is not None:
+        if self._worker is not None and not self._closing:  # closing: worker.stop gives SHUTTING_DOWN outcomes
             self._worker.set_active(False, reason)
 
     def _release_model(self) -> None:
         worker, self._worker = self._worker, None
-        if worker is not None and not worker.stop(SHUTDOWN_WORKER_WAIT_S):
+        # Closing: the process exits next, and freeing the model would hold up the exit.
+        if worker is not None and not worker.stop(SHUTDOWN_WORKER_WAIT_S, release=not self._closing):
             self.get_logger().warning("inference still running at cleanup: abandoned")
         for channel in self._channels.values():
             for publisher in channel.outputs.values():

@@ -7,8 +7,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-
-NODE_NAME = "lisa_perception"
+from lisa_ros.parameters import DEFAULT_NAMES, NODE_NAME
 
 
 def start_perception_node(ros: dict, parameters: dict, name: str = NODE_NAME, namespace: str = "",
@@ -61,8 +60,9 @@ def new_results(client, seen: int) -> list:
 
 def wait_for_status(client, condition: Callable[[dict], bool], timeout_s: float,
                     repeat: Optional[Callable[[], None]] = None, repeat_s: float = 0.2) -> Optional[dict]:
-    """The first status (collected so far or arriving within timeout_s) that meets `condition`;
-    `repeat()` runs every repeat_s meanwhile (e.g. to publish a best-effort message again)."""
+    """The first status (a lisa_ros.client.status_from_diagnostic dict, collected so far or arriving
+    within timeout_s) that meets `condition`; `repeat()` runs every repeat_s meanwhile (e.g. to
+    publish a best-effort message again)."""
     deadline = time.monotonic() + timeout_s
     next_repeat = 0.0
     while True:
@@ -77,10 +77,11 @@ def wait_for_status(client, condition: Callable[[dict], bool], timeout_s: float,
 
 
 def error_reported(fragment: str) -> Callable[[dict], bool]:
+    """A condition for wait_for_status: the status's last error holds `fragment`."""
     return lambda status: fragment in (status["last_error"] or "")
 
 
-def collect_every_result(client, topic: str = "/lisa/result") -> list:
+def collect_every_result(client, topic: str = "/" + DEFAULT_NAMES["result_topic"]) -> list:
     """A keep-all reliable subscription on the node's result topic (the client's own keeps the last 100):
     the list every outcome is appended to, under client.lock."""
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -97,7 +98,7 @@ def collect_every_result(client, topic: str = "/lisa/result") -> list:
     return received
 
 
-def keep_all_query_publisher(client, topic: str = "/lisa/query"):
+def keep_all_query_publisher(client, topic: str = "/" + DEFAULT_NAMES["query_topic"]):
     """A keep-all reliable instruction publisher: the client's keeps the last 100, and a burst of more
     overwrites ones the node has not acknowledged yet (measured: 16 of 400 lost in transit)."""
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy

@@ -19,6 +19,7 @@ import pytest
 
 from hardening_support import (collect_every_result, end_process, keep_all_query_publisher,
                                set_parameters, start_perception_node)
+from lisa_ros.status import Status
 from ros_support import ros_session, start_python, stop_process
 
 STREAM_S = float(os.environ.get("LISA_HARDENING_STREAM_S", "20"))
@@ -96,7 +97,7 @@ def node(ros):
     model = write_slow_model(ros["tmp"] / "slow_model")
     process, log = start_perception_node(ros, {
         "model_path": str(model), "queue_size": QUEUE_SIZE, "max_image_age": 1.0, "depth_topic": "",
-        "status_rate_hz": 5.0, "cpu_threads": 1})
+        "diagnostics_rate_hz": 5.0, "cpu_threads": 1})
     yield dict(process=process, log=log)
     end_process(process)
 
@@ -167,8 +168,9 @@ def test_a_burst_of_100_instructions_gets_exactly_one_outcome_each(client, camer
     assert len({o.query_id for o in outcomes}) == BURST
     answered = [o for o in outcomes if o.success]
     dropped = [o for o in outcomes if not o.success]
-    assert all(o.error.startswith("dropped: queue full") and f"query {o.query_id}" in o.error
-               and f"policy {policy}" in o.error for o in dropped), {o.error for o in dropped}
+    assert all(o.status == Status.QUEUE_FULL and o.error.startswith("dropped: queue full")
+               and f"query {o.query_id}" in o.error and f"policy {policy}" in o.error for o in dropped), \
+        {(o.status, o.error) for o in dropped}
     # One in the model, QUEUE_SIZE waiting, and what the model finished while the burst arrived.
     assert QUEUE_SIZE <= len(answered) <= QUEUE_SIZE + 1 + int(sent_in / 0.3) + 1, len(answered)
     assert all(len(o.targets) == 1 and o.answer == "Sure, [SEG]." for o in answered), \
@@ -199,8 +201,7 @@ def test_720p_at_60_hz_while_busy_memory_flat_no_backlog_newest_frame_used(clien
     answered = []  # (time.time_ns() when sent, result)
     started = time.monotonic()
     frames_before = len(camera())
-    with client.lock:
-        received_before = client.statuses[-1]["counts"]["frames"]
+    received_before = client.frames_received()
     index = 0
     while time.monotonic() - started < warm_up_s + STREAM_S:
         text = f"stream {index:04d}: where is the box?"
@@ -214,8 +215,7 @@ def test_720p_at_60_hz_while_busy_memory_flat_no_backlog_newest_frame_used(clien
     stamps = camera()
     frames = len(stamps) - frames_before
     time.sleep(0.5)  # a heartbeat with the final count
-    with client.lock:
-        frames_received = client.statuses[-1]["counts"]["frames"] - received_before
+    frames_received = client.frames_received() - received_before
 
     failures = [r.error for _, r in answered if not r.success]
     assert not failures, failures[:5]
@@ -266,4 +266,5 @@ def test_sigterm_during_an_inference_ends_the_node_within_2_s_with_one_outcome_p
     by_text = _outcomes_by_text(client, texts)
     assert sorted(len(outcomes) for outcomes in by_text.values()) == [1] * len(texts), \
         {text: [o.error for o in outcomes] for text, outcomes in by_text.items()}
-    assert all(o.success or o.error.startswith("node shutting down") for (o,) in by_text.values())
+    assert all(o.status == Status.OK or (o.status == Status.SHUTTING_DOWN and o.error.startswith("node shutting down"))
+               for (o,) in by_text.values()), [(o.status, o.error) for (o,) in by_text.values()]

@@ -3,7 +3,8 @@
 tools/build_interfaces.sh --copy builds the package into a temporary build and install folder, with
 this repository's own install/ and source tree out of every search path. The installed node then
 starts with an empty model_path in a folder outside the repository and must load the demo model
-installed under share/lisa_ros/models/demo, as a robot's release install would.
+installed under share/lisa_ros/models/demo, as a robot's release install would (its log line, and its
+/diagnostics entry naming that model).
 """
 
 import json
@@ -77,11 +78,12 @@ def test_plain_install_holds_copies_not_links(plain_install):
 
 def test_installed_node_runs_the_trained_demo_model_from_outside_the_repository(plain_install, ros_env):
     import rclpy
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from std_msgs.msg import String
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+    from lisa_ros.client import status_from_diagnostic
     from lisa_ros.model_source import TRAINED_DEMO_LABEL
-    from lisa_ros.parameters import PARAMETERS_BY_NAME
+    from lisa_ros.parameters import NODE_NAME
     from lisa_ros.process import node_command
 
     install, _ = plain_install
@@ -99,7 +101,6 @@ def test_installed_node_runs_the_trained_demo_model_from_outside_the_repository(
     assert Path(found["scenes"]) == share / "models" / "demo" / "scenes"
     assert Path(found["model"]) == share / "models" / "demo"
 
-    status_topic = "/" + PARAMETERS_BY_NAME["status_topic"].default
     log_path = ros_env.tmp_path / "node.log"
     command = node_command([{"model_path": "", "device": "cpu", "cpu_threads": 1}], workdir,
                            executable=found["executable"])
@@ -114,20 +115,20 @@ def test_installed_node_runs_the_trained_demo_model_from_outside_the_repository(
         with ros_env.context() as context:
             listener = rclpy.create_node("install_probe", context=context)
             statuses = []
-            listener.create_subscription(
-                String, status_topic, lambda message: statuses.append(json.loads(message.data)),
-                QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
-                           durability=DurabilityPolicy.TRANSIENT_LOCAL))
+
+            def on_diagnostics(array):
+                statuses.extend(status_from_diagnostic(s) for s in array.status
+                                if s.name.lstrip("/") == f"{NODE_NAME}: camera")
+            listener.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics,
+                                         QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
             executor = rclpy.executors.SingleThreadedExecutor(context=context)
             executor.add_node(listener)
             spin = lambda timeout: executor.spin_once(timeout_sec=timeout)  # noqa: E731
-            # The status topic is checked where the node still publishes one.
-            if wait_until(lambda: listener.count_publishers(status_topic) > 0, 10, spin=spin):
-                assert wait_until(lambda: any(s.get("model_loaded") for s in statuses), 120, spin=spin), (
-                    statuses[-1:], log_path.read_text(errors="replace"))
-                loaded = next(s for s in statuses if s.get("model_loaded"))
-                assert loaded["model"] == TRAINED_DEMO_LABEL
-                assert Path(loaded["model_path"]) == share / "models" / "demo"
+            assert wait_until(lambda: any(s["model_loaded"] for s in statuses), 120, spin=spin), (
+                statuses[-1:], log_path.read_text(errors="replace"))
+            loaded = next(s for s in statuses if s["model_loaded"])
+            assert loaded["model"] == TRAINED_DEMO_LABEL and loaded["model_error"] is None
+            assert Path(loaded["model_path"]) == share / "models" / "demo"
     finally:
         if node.poll() is None:
             node.send_signal(signal.SIGINT)

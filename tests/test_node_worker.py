@@ -11,22 +11,33 @@ import pytest
 
 from lisa_core.errors import InputError
 from lisa_core.pipeline import LisaPipeline
+from lisa_ros.status import Status
 from lisa_ros.worker import Frame, InferenceWorker, Query, WorkerSettings, clean_query
 from node_support import scene, write_segmenting_model
 
+IMAGE_TOPIC = "/camera/image_raw"
+
 
 class GatedPipeline(LisaPipeline):
-    """Waits at `gate` before each segment, and raises for the query text 'explode'."""
+    """Waits at `gate` before each segment (alone or batched), and raises for the query text 'explode'
+    (a batch holding it fails as a whole)."""
 
     gate: threading.Event
     entered: threading.Event
 
-    def segment(self, image, query, **kwargs):
+    def _enter(self, queries):
         self.entered.set()
         assert self.gate.wait(30), "test gate never opened"
-        if query == "explode":
+        if "explode" in queries:
             raise RuntimeError("simulated fault inside the model")
+
+    def segment(self, image, query, **kwargs):
+        self._enter([query])
         return super().segment(image, query, **kwargs)
+
+    def segment_many(self, requests):
+        self._enter([request.query for request in requests])
+        return super().segment_many(requests)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +64,7 @@ class Harness:
         self.outcomes, self.states, self.errors = [], [], []
         self.lock = threading.Lock()
         self.worker = InferenceWorker(load, self._outcome, self.states.append, WorkerSettings(**settings),
-                                      "/camera/image_raw", self.errors.append)
+                                      lambda camera: IMAGE_TOPIC, self.errors.append)
         self.frame_keys = iter(range(1, 10_000))
         self.worker.start()
 
@@ -67,8 +78,8 @@ class Harness:
         self.worker.submit_frame(frame)
         return frame
 
-    def query(self, query_id, text="where is the box?"):
-        self.worker.submit(Query(query_id, text, time.monotonic()))
+    def query(self, query_id, text="where is the box?", **fields):
+        self.worker.submit(Query(query_id, text, time.monotonic(), **fields))
 
     def wait(self, condition, timeout=30.0):
         deadline = time.monotonic() + timeout
@@ -91,7 +102,8 @@ def test_query_is_answered_on_the_newest_frame(pipeline):
     newest = harness.frame(1)
     harness.query("q-1")
     (outcome,) = harness.wait_for_ids("q-1")
-    assert outcome.success and outcome.frame is newest and outcome.frame.header == "frame-1"
+    assert outcome.success and outcome.status == Status.OK and outcome.error is None
+    assert outcome.frame is newest and outcome.frame.header == "frame-1"
     assert outcome.result.answer == "[SEG]" and outcome.result.targets[0].area > 0
     assert len(harness.states) == 1 and harness.states[0].startswith("model loaded in")
     assert harness.worker.stop(2.0)
@@ -114,11 +126,13 @@ def test_no_frame_and_too_old_frame_are_errors_that_name_why(pipeline):
     harness = Harness(lambda: pipeline, max_image_age=0.5)
     harness.query("q-1")
     (no_frame,) = harness.wait_for_ids("q-1")
-    assert no_frame.error == "no frame yet: no image received on /camera/image_raw"
+    assert no_frame.error == f"no frame yet: no image received on {IMAGE_TOPIC}"
+    assert no_frame.status == Status.NO_FRAME and not no_frame.success
     harness.frame(0, received=time.monotonic() - 3.0)
     harness.query("q-2")
     (too_old,) = harness.wait_for_ids("q-2")
     assert too_old.error.startswith("frame too old") and "max_image_age 0.5 s" in too_old.error
+    assert too_old.status == Status.FRAME_TOO_OLD and IMAGE_TOPIC in too_old.error
     harness.worker.update_settings(max_image_age=0.0)
     harness.query("q-3")
     assert harness.wait_for_ids("q-3")[0].success, "max_image_age 0 accepts any age"
@@ -141,10 +155,10 @@ def test_full_queue_drops_by_policy_and_every_query_gets_one_outcome(pipeline, p
     drops = harness.wait_for_ids(*dropped)
     for outcome in drops:
         assert outcome.error.startswith("dropped: queue full") and outcome.query.id in outcome.error
-        assert policy in outcome.error
+        assert policy in outcome.error and outcome.status == Status.QUEUE_FULL
     pipeline.gate.set()
     outcomes = harness.wait_for_ids(*answered)
-    assert all(o.success for o in outcomes)
+    assert all(o.success and o.status == Status.OK for o in outcomes)
     time.sleep(0.2)
     with harness.lock:
         ids = [o.query.id for o in harness.outcomes]
@@ -155,21 +169,42 @@ def test_full_queue_drops_by_policy_and_every_query_gets_one_outcome(pipeline, p
 def test_model_error_fails_that_query_only(pipeline):
     harness = Harness(lambda: pipeline)
     harness.frame(0)
+    pipeline.gate.clear()
+    harness.query("q-0")
+    assert pipeline.entered.wait(30)  # q-1 and q-2 wait, then go to the model as one batch
     harness.query("q-1", "explode")
     harness.query("q-2")
-    failed, fine = harness.wait_for_ids("q-1", "q-2")
+    pipeline.gate.set()
+    first, failed, fine = harness.wait_for_ids("q-0", "q-1", "q-2")
     assert failed.error == "model error: RuntimeError: simulated fault inside the model"
+    assert failed.status == Status.MODEL_ERROR
+    assert any(line.startswith("batch of 2 failed") for line in harness.errors), harness.errors
     assert any("simulated fault" in line for line in harness.errors), "the traceback goes to the log"
-    assert fine.success
+    assert first.success and fine.success, "the batch's other query is answered on its own"
     harness.worker.stop(2.0)
 
 
 def test_bad_input_from_the_model_is_named(pipeline):
     harness = Harness(lambda: pipeline)
-    harness.worker.submit_frame(Frame(scene(0)[:, :, :2], "two-channel", time.monotonic(), 1))
-    harness.query("q-1")
-    (outcome,) = harness.wait_for_ids("q-1")
-    assert outcome.error.startswith("bad query or image:")
+    harness.frame(0)
+    # Room for 1000 new tokens leaves the 1024-token model no room for its prompt: the pipeline refuses.
+    harness.query("q-1", max_new_tokens=1000)
+    (too_long,) = harness.wait_for_ids("q-1")
+    assert too_long.status == Status.BAD_QUERY and too_long.error.startswith("bad query: ")
+    assert "max_new_tokens" in too_long.error, too_long.error
+    two_channel_key, thin_key = next(harness.frame_keys), next(harness.frame_keys)
+    harness.worker.submit_frame(Frame(scene(0)[:, :, :2], "two-channel", time.monotonic(), two_channel_key))
+    harness.query("q-2")
+    (two_channels,) = harness.wait_for_ids("q-2")
+    assert two_channels.status == Status.BAD_IMAGE and two_channels.error.startswith("bad image: ")
+    assert "got (120, 160, 2)" in two_channels.error, two_channels.error
+    harness.worker.submit_frame(Frame(scene(0, height=2, width=200), "thin", time.monotonic(), thin_key))
+    harness.query("q-3")
+    (thin,) = harness.wait_for_ids("q-3")
+    assert thin.status == Status.BAD_IMAGE and thin.error.startswith("bad image: 200x2: one side is more than")
+    harness.frame(1)
+    harness.query("q-4")
+    assert harness.wait_for_ids("q-4")[0].success, "the next good frame is answered"
     harness.worker.stop(2.0)
 
 
@@ -180,6 +215,7 @@ def test_model_that_fails_to_load_still_answers_every_query(tmp_path):
     harness.query("q-1")
     (outcome,) = harness.wait_for_ids("q-1")
     assert outcome.error.startswith("model not loaded: CheckpointError") and "missing" in outcome.error
+    assert outcome.status == Status.MODEL_NOT_LOADED and harness.worker.model_error in outcome.error
     assert harness.states == ["model failed to load"] and not harness.worker.model_loaded
     harness.worker.stop(2.0)
 
@@ -189,15 +225,15 @@ def test_tracking_follows_new_frames_until_stopped_or_a_new_query(pipeline):
     harness.frame(0)
     harness.query("q-1")
     (answer,) = harness.wait_for_ids("q-1")
-    assert harness.worker.tracking_query_id == "q-1"
+    assert harness.worker.tracking_query_id() == "q-1"
     for index in range(1, 4):
         frame = harness.frame(index)
         harness.wait(lambda: any(o.tracked and o.frame is frame for o in list(harness.outcomes)))
     with harness.lock:
         tracked = [o for o in harness.outcomes if o.tracked]
     assert [o.frame.header for o in tracked] == ["frame-1", "frame-2", "frame-3"]
-    assert all(o.query.id == "q-1" and o.result.answer == answer.result.answer and o.result.targets[0].area > 0
-               for o in tracked)
+    assert all(o.query.id == "q-1" and o.status == Status.OK and o.result.answer == answer.result.answer
+               and o.result.targets[0].area > 0 for o in tracked)
     assert harness.worker.stop_tracking() == "q-1"
     harness.frame(4)
     time.sleep(0.3)
@@ -205,7 +241,7 @@ def test_tracking_follows_new_frames_until_stopped_or_a_new_query(pipeline):
     harness.query("q-2")
     harness.wait_for_ids("q-2")
     harness.query("q-3")  # ends q-2's tracking at once
-    assert harness.worker.tracking_query_id is None
+    assert harness.worker.tracking_query_id() is None
     harness.worker.stop(2.0)
 
 
@@ -220,6 +256,7 @@ def test_stop_gives_waiting_queries_an_error(pipeline):
     waiting, abandoned = harness.wait_for_ids("q-2", "q-1")
     assert waiting.error == "node shutting down: query not answered"
     assert abandoned.error == "node shutting down: inference abandoned"
+    assert waiting.status == abandoned.status == Status.SHUTTING_DOWN
     pipeline.gate.set()
     assert harness.worker.stop(30), "the abandoned inference ends by itself"
     time.sleep(0.1)

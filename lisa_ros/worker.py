@@ -332,7 +332,12 @@ class InferenceWorker:
                 self._in_model = job if isinstance(job, list) else []
             try:
                 if isinstance(job, list):
-                    outcomes = self._answer(job)
+                    try:
+                        outcomes = self._answer(job)
+                    except Exception as error:  # a fault outside the model call: its queries still get an outcome
+                        self._log_error(f"worker error:\n{traceback.format_exc()}")
+                        outcomes = [self._error(query, None, Status.MODEL_ERROR,
+                                                f"model error: {type(error).__name__}: {error}") for query in job]
                     with self._condition:
                         still_ours = {id(query) for query in self._in_model}
                         delivered_here = [outcome for outcome in outcomes if id(outcome.query) in still_ours]

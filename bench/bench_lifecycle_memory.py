@@ -11,9 +11,7 @@ Appends a dated section to the results file.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from ros_support import child_env, reserved_domain_id  # noqa: E402
+from bench_action import node_with_client, record  # noqa: E402
 
 SETTLE_S = 2.0
 
@@ -51,51 +49,34 @@ def write_large_model(path: Path) -> float:
 
 def run(work: Path) -> tuple[float, dict]:
     import psutil
-    import rclpy
-    from rclpy.context import Context
 
-    from lisa_ros.client import PerceptionClient
     from lisa_ros.image_conv import cv2_to_imgmsg
-    from lisa_ros.process import node_command, start_node
     from lisa_ros.srv import Segment
     from node_support import scene
 
     model_mb = write_large_model(work / "model")
-    with reserved_domain_id() as domain_id:
-        env = child_env(domain_id, work / "ros_log")
-        os.environ.update({key: env[key] for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
-                                                     "ROS_LOG_DIR")})
-        node = start_node(node_command([{"model_path": str(work / "model"), "autostart": False,
-                                         "cpu_threads": 1}], work), env, work / "node.log")
-        context = Context()
-        rclpy.init(context=context)
-        client = PerceptionClient(context, name="bench_memory", camera=False)
-        figures = {}
-
+    parameters = {"model_path": str(work / "model"), "autostart": False, "cpu_threads": 1}
+    figures = {}
+    with node_with_client(work, parameters, "bench_memory", camera=False) as (node, client):
         def measure(label):
             time.sleep(SETTLE_S)
             figures[label] = psutil.Process(node.pid).memory_info().rss / 2**20
-        try:
-            client.wait_for(lambda: client.query_pub.get_subscription_count() > 0, 60)
-            measure("unconfigured (start)")
-            for cycle in (1, 2):
-                for transition in ("configure", "activate", "deactivate", "cleanup"):
-                    if not client.change_state(transition, timeout_s=120):
-                        raise RuntimeError(f"{transition} failed: {(work / 'node.log').read_text()}")
-                    if transition == "activate":  # one answer, so every weight has been read
-                        answer = client.segment(Segment.Request(query="the box", use_image=True,
-                                                                image=cv2_to_imgmsg(scene(0), "rgb8")), 120)
-                        if answer.status != 0:
-                            raise RuntimeError(f"the query failed: {answer.error}")
-                        measure(f"active, after an answer ({cycle})")
-                    if transition in ("configure", "cleanup"):
-                        measure(f"{'configured' if transition == 'configure' else 'cleaned up'} ({cycle})")
-        finally:
-            client.close()
-            rclpy.shutdown(context=context)
-            node.send_signal(subprocess.signal.SIGINT)
-            node.wait(30)
-        return model_mb, figures
+
+        client.wait_for(lambda: client.query_pub.get_subscription_count() > 0, 60)
+        measure("unconfigured (start)")
+        for cycle in (1, 2):
+            for transition in ("configure", "activate", "deactivate", "cleanup"):
+                if not client.change_state(transition, timeout_s=120):
+                    raise RuntimeError(f"{transition} failed: {(work / 'node.log').read_text()}")
+                if transition == "activate":  # one answer, so every weight has been read
+                    answer = client.segment(Segment.Request(query="the box", use_image=True,
+                                                            image=cv2_to_imgmsg(scene(0), "rgb8")), 120)
+                    if answer.status != 0:
+                        raise RuntimeError(f"the query failed: {answer.error}")
+                    measure(f"active, after an answer ({cycle})")
+                if transition in ("configure", "cleanup"):
+                    measure(f"{'configured' if transition == 'configure' else 'cleaned up'} ({cycle})")
+    return model_mb, figures
 
 
 def report(model_mb: float, figures: dict) -> str:
@@ -115,11 +96,7 @@ def main() -> int:
     parser.add_argument("--no-record", action="store_true")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        text = report(*run(Path(work)))
-    print(text)
-    if not arguments.no_record:
-        with open(arguments.out, "a") as results:
-            results.write(text)
+        record(report(*run(Path(work))), arguments.out, arguments.no_record)
     return 0
 
 

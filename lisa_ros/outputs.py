@@ -9,7 +9,8 @@ import numpy as np
 
 from lisa_core.result import Target
 
-# Recent depth images kept for pairing with frames by stamp (lisa_ros.geometry.pair_depth).
+# Recent depth images kept for pairing with frames by stamp (lisa_ros.geometry.pair_depth); the node's
+# depth and camera info subscriptions keep as many.
 DEPTH_BUFFER_LENGTH = 10
 # The target cloud's point layout: x, y, z in metres (optical frame) and the target's index.
 CLOUD_POINT = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("target", "<u4")])

@@ -16,7 +16,10 @@ their outcome as coroutines, so they never block that thread); one InferenceWork
 model. Outcomes are published from the worker thread (rclpy publishers are thread-safe).
 
 QoS, on purpose:
-- camera, depth and camera info: keep last 1 (a busy node never works through a backlog); reliability
+- camera: keep last 1 (a busy node never works through a backlog). Depth and camera info: keep last
+  DEPTH_BUFFER_LENGTH, so that a depth image is not replaced before the executor stores it; the worker
+  pairs the frame it takes with the depth image closest in stamp then (not when the answer is
+  published, which may be seconds later) and with the newest camera info. Reliability
   `auto` (default) matches the publisher found on each topic: reliable publishers get a reliable
   subscription, so a large frame's lost fragments are sent again instead of the frame being lost;
   best-effort publishers get best effort. Until a publisher appears the subscription waits.
@@ -28,6 +31,7 @@ QoS, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -57,7 +61,7 @@ from lisa_core.preprocess import check_aspect_ratio
 from lisa_core.result import STAGE_DECODING_MASKS, STAGE_ENCODING, STAGE_GENERATING
 from lisa_ros import health
 from lisa_ros.conversations import ConversationLimits, ConversationStore
-from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, cloud_points, pair_depth, target_geometry
+from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, DepthView, cloud_points, pair_depth, target_geometry
 from lisa_ros.image_conv import compressed_imgmsg_to_cv2, cv2_to_imgmsg, imgmsg_to_cv2
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, resolve_model, write_tiny_preset
 from lisa_ros.msg import SegmentationResult as SegmentationResultMsg
@@ -95,9 +99,19 @@ def _stamp_ns(header: Header) -> int:
     return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
 
 
-def _sensor_qos(reliable: bool) -> QoSProfile:
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+def _sensor_qos(reliable: bool, depth: int) -> QoSProfile:
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
                       reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT)
+
+
+@dataclass(frozen=True)
+class FrameInputs:
+    """What the node pairs with a frame when the worker takes it (Frame.paired): the depth image
+    closest in stamp then, or why there is none, and the optical frame of its camera info."""
+
+    depth: Optional[DepthView]
+    no_depth_reason: str
+    optical_frame_id: str
 
 
 @dataclass
@@ -166,7 +180,8 @@ class PerceptionNode(LifecycleNode):
             load_pipeline=self._load_pipeline, on_outcome=self._publish_outcome,
             on_state=lambda event: self._report_event(event), settings=self._worker_settings(p),
             frame_source=lambda camera: self._channels[camera].image_topic,
-            log_error=lambda text: self.get_logger().error(text), conversations=self._conversations)
+            log_error=lambda text: self.get_logger().error(text), conversations=self._conversations,
+            prepare_frame=self._prepare_frame)
         worker.set_active(False, "node not active yet")
         worker.start()
         while not worker.loaded.wait(0.1):
@@ -379,14 +394,14 @@ class PerceptionNode(LifecycleNode):
         else:
             image_type = Image
         channel.image_topic = self.resolve_topic_name(image_topic)
-        inputs = [(image_type, image_topic, lambda msg: self._on_image(channel, msg))]
+        inputs = [(image_type, image_topic, lambda msg: self._on_image(channel, msg), 1)]
         depth_topic = self._input_topic(channel, p, "depth_topic")
         if p["depth_topic"] or (channel.name and p.get(f"{channel.name}.depth_topic")):
-            inputs += [(Image, depth_topic, lambda msg: self._on_depth(channel, msg)),
+            inputs += [(Image, depth_topic, lambda msg: self._on_depth(channel, msg), DEPTH_BUFFER_LENGTH),
                        (CameraInfo, self._input_topic(channel, p, "camera_info_topic"),
-                        lambda msg: self._on_camera_info(channel, msg))]
-        for message_type, topic, callback in inputs:
-            subscribe = self._subscriber(channel, message_type, topic, callback)
+                        lambda msg: self._on_camera_info(channel, msg), DEPTH_BUFFER_LENGTH)]
+        for message_type, topic, callback, history in inputs:
+            subscribe = self._subscriber(channel, message_type, topic, callback, history)
             if p["image_reliability"] == "auto":
                 channel.pending_subscriptions[topic] = subscribe
             else:
@@ -394,10 +409,11 @@ class PerceptionNode(LifecycleNode):
         if channel.pending_subscriptions:
             self._match_publishers(channel)
 
-    def _subscriber(self, channel: CameraChannel, message_type, topic: str, callback) -> Callable[[bool], None]:
+    def _subscriber(self, channel: CameraChannel, message_type, topic: str, callback,
+                    history: int) -> Callable[[bool], None]:
         def subscribe(reliable: bool) -> None:
             channel.subscriptions.append(self.create_subscription(message_type, topic, callback,
-                                                                  _sensor_qos(reliable)))
+                                                                  _sensor_qos(reliable, history)))
             channel.reliability[self.resolve_topic_name(topic)] = "reliable" if reliable else "best_effort"
             self.get_logger().info(f"subscribed to {self.resolve_topic_name(topic)} "
                                    f"({'reliable' if reliable else 'best effort'})")
@@ -594,7 +610,8 @@ class PerceptionNode(LifecycleNode):
     def _publish_targets(self, channel: CameraChannel, outcome: Outcome, header: Header) -> list:
         """Publishes mask, centroids, answer, cloud, markers and overlay; returns the Target messages."""
         result, outputs = outcome.result, channel.outputs
-        depth, no_depth_reason = self._depth_for(channel, header, result.image_size)
+        inputs: FrameInputs = outcome.frame.paired
+        depth, no_depth_reason = inputs.depth, inputs.no_depth_reason
         messages, geometries = [], []
         for target in result.targets:
             message = TargetMsg(mask=cv2_to_imgmsg(target.mask.astype(np.uint8) * 255, "mono8", header),
@@ -610,9 +627,7 @@ class PerceptionNode(LifecycleNode):
         if not outputs:  # cleaned up while this answer was being computed: the result topic still gets it
             return messages
 
-        optical_header = Header(stamp=header.stamp, frame_id=(channel.camera_info.header.frame_id
-                                                              if channel.camera_info is not None else "")
-                                or header.frame_id)
+        optical_header = Header(stamp=header.stamp, frame_id=inputs.optical_frame_id or header.frame_id)
         outputs["mask_topic"].publish(cv2_to_imgmsg(result.union_mask.astype(np.uint8) * 255, "mono8", header))
         main = main_target_index(result.targets)
         if main is not None:
@@ -640,13 +655,17 @@ class PerceptionNode(LifecycleNode):
                                                            "rgb8", header))
         return messages
 
-    def _depth_for(self, channel: CameraChannel, header: Header, image_size):
-        """(DepthView, "") for the frame, or (None, why not)."""
+    def _prepare_frame(self, frame: Frame) -> Frame:
+        """The frame the worker takes (worker thread), with the depth image closest in stamp now and the
+        newest camera info: what the answer's 3D outputs use however long the answer takes."""
+        channel = self._channels[frame.camera]
         with self._lock:
             depth_images = list(channel.depth_images)
         info = channel.camera_info
-        return pair_depth(depth_images, _stamp_ns(header), tuple(image_size),
-                          self.get_parameter("depth_max_offset").value, info.k if info is not None else None)
+        depth, reason = pair_depth(depth_images, _stamp_ns(frame.header), tuple(frame.image.shape[:2]),
+                                   self.get_parameter("depth_max_offset").value, info.k if info is not None else None)
+        return dataclasses.replace(frame, paired=FrameInputs(depth, reason,
+                                                             info.header.frame_id if info is not None else ""))
 
     # ---- diagnostics ------------------------------------------------------------------------------------
     def report_error(self, text: str, channel: Optional[CameraChannel] = None) -> None:

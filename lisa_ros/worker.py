@@ -57,13 +57,19 @@ def clean_query(text: str, max_chars: int) -> str:
 
 @dataclass(frozen=True)
 class Frame:
-    """One converted camera image and what identifies it."""
+    """One camera image and what identifies it.
 
-    image: np.ndarray  # HxWx3 uint8 RGB
+    `image` is an HxWx3 uint8 RGB array once the worker has taken the frame; before, it may be what
+    the worker's `prepare_frame` turns into one (the node's unconverted message: frames replaced before
+    the worker takes them are never converted).
+    """
+
+    image: Any
     header: Any  # the image message's header, copied onto everything computed from this frame
     received: float  # time.monotonic() when it arrived
     key: int  # unique per frame; the pipeline caches the SAM image embedding under it
     camera: str = ""  # the camera's name in the node's `cameras` list; "" for the single camera
+    paired: Any = None  # what `prepare_frame` paired with the frame when it was taken (the node: depth)
 
 
 def _never() -> bool:
@@ -162,14 +168,19 @@ class InferenceWorker:
     loading has finished either way.
     `on_outcome(outcome)` and `on_state(event)` are called from the worker thread, except the outcome
     of a query refused by `submit`, which is delivered in the submitting thread.
+    `prepare_frame(frame)` is called in the worker thread when it takes a frame for a query or a
+    tracking step, and returns the frame to use (image converted, inputs paired with it); an InputError
+    from it makes the query's outcome BAD_IMAGE.
     While inactive (`set_active(False)`), new queries get an INACTIVE outcome and tracking stops.
     """
 
     def __init__(self, load_pipeline: Callable[[], Any], on_outcome: Callable[[Outcome], None],
                  on_state: Callable[[str], None], settings: WorkerSettings, frame_source: Callable[[str], str],
-                 log_error: Callable[[str], None], conversations: Optional[ConversationStore] = None):
+                 log_error: Callable[[str], None], conversations: Optional[ConversationStore] = None,
+                 prepare_frame: Callable[[Frame], Frame] = lambda frame: frame):
         """`frame_source(camera)` names a camera's image topic in error messages."""
         self._load_pipeline = load_pipeline
+        self._prepare_frame = prepare_frame
         self._on_outcome = on_outcome
         self._on_state = on_state
         self._settings = settings
@@ -423,6 +434,7 @@ class InferenceWorker:
                                f"frame too old: the newest image from {self._frame_source(query.camera)} "
                                f"arrived {age:.2f} s ago (max_image_age {max_age} s)"), None
         try:
+            frame = self._prepare_frame(frame)
             prepare_image(frame.image)  # the model's own check: a frame it refuses is a bad image, not a bad query
             check_aspect_ratio(*frame.image.shape[:2])
         except InputError as error:
@@ -480,6 +492,12 @@ class InferenceWorker:
         if 0 < max_age < time.monotonic() - frame.received:
             return  # a stale frame is not worth a mask; wait for the camera
         camera = tracking.query.camera
+        try:
+            frame = self._prepare_frame(frame)
+        except InputError as error:  # this frame only: tracking goes on with the next one
+            self._deliver(Outcome(tracking.query, frame, None, f"bad image: {error}",
+                                  time.monotonic() - frame.received, Status.BAD_IMAGE, tracked=True))
+            return
         try:
             targets = self._pipeline.track(frame.image, tracking.prompts, frame_key=frame.key)
         except Exception as error:  # reported on the tracked query's result; tracking ends

@@ -1,0 +1,82 @@
+"""Depth is paired with the frame the worker took, however long the answer takes: a depth camera that
+keeps publishing (newer stamps, other depths) while the model answers does not take the 3D point away
+or change it.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+from hardening_support import end_process, start_perception_node
+from node_support import FRAME_ID, K, depth_image, scene, write_segmenting_model
+from ros_support import ros_session
+from lisa_ros.outputs import DEPTH_BUFFER_LENGTH
+from lisa_ros.status import Status
+
+FRAME_DEPTH_MM = 1500  # depth_image()'s valid depth: the frame's own depth image
+LATER_DEPTH_MM = 3000  # the depth images published while the model answers
+LATER_STAMP_OFFSET_NS = 200_000_000  # later depth images are at least this far from the frame (> depth_max_offset)
+LONG_ANSWER = 24  # tokens, each a [SEG]: long enough for many depth images to arrive meanwhile
+DEPTH_PERIOD_S = 0.005
+
+
+@pytest.fixture(scope="module")
+def ros(tmp_path_factory):
+    with ros_session(tmp_path_factory.mktemp("depth_pairing")) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def client(ros):
+    from lisa_ros.client import PerceptionClient
+
+    model = write_segmenting_model(ros["tmp"] / "segmenting_model")
+    process, log = start_perception_node(ros, {"model_path": str(model), "max_image_age": 0.0, "cpu_threads": 1})
+    client = PerceptionClient(ros["context"], name="depth_pairing_user")
+    try:
+        client.wait_for_node(60)
+        assert client.wait_for(lambda: all(p.get_subscription_count() > 0 for p in
+                                           (client.image_pub, client.depth_pub, client.camera_info_pub)), 30), \
+            log.read_text()[-3000:]
+        yield client
+    finally:
+        client.close()
+        end_process(process)
+
+
+def test_the_3d_point_comes_from_the_frames_own_depth_however_long_the_answer_takes(client):
+    from lisa_ros.action import Query
+
+    stamp = time.time_ns()
+    header = client.publish_frame(scene(0), stamp, FRAME_ID)
+    client.publish_depth(depth_image(), header)
+    client.publish_camera_info(header, K, 160, 120)
+    frames = client.frames_received()
+    assert client.wait_for(lambda: client.frames_received() > frames, 10), "the node has the frame"
+
+    feedback = []
+    handle = client.send_goal(Query.Goal(query="Where is the red box?", max_new_tokens=LONG_ANSWER), feedback)
+    result_future = handle.get_result_async()
+
+    def generating():
+        with client.lock:
+            return any(message.stage == message.STAGE_GENERATING for _, message in feedback)
+    assert client.wait_for(generating, 30), "the model took the query"
+    later = np.where(depth_image() > 0, LATER_DEPTH_MM, 0).astype(np.uint16)
+    published = 0
+    while not result_future.done():
+        later_header = type(header)(frame_id=FRAME_ID)
+        later_header.stamp.sec, later_header.stamp.nanosec = divmod(
+            stamp + LATER_STAMP_OFFSET_NS + published * 1_000_000, 1_000_000_000)
+        client.publish_depth(later, later_header)
+        published += 1
+        time.sleep(DEPTH_PERIOD_S)
+    assert published > DEPTH_BUFFER_LENGTH, f"only {published} depth images during the answer: it was too quick"
+
+    result = client.goal_result(handle)
+    assert result.status == Status.OK, result.error
+    assert (result.header.stamp.sec, result.header.stamp.nanosec) == (header.stamp.sec, header.stamp.nanosec)
+    main = max((t for t in result.targets if t.area_px > 0), key=lambda t: t.confidence)
+    assert main.centroid_3d_valid, main.depth_error
+    assert main.centroid_3d.z == pytest.approx(FRAME_DEPTH_MM / 1000.0), "the frame's own depth image"

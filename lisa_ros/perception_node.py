@@ -11,12 +11,16 @@ Lifecycle (autostart, the default, configures and activates at start):
   queued queries get INACTIVE outcomes, tracking stops (a query inside the model is still answered);
 - cleanup: frees the model; shutdown: from any state.
 
-Threads: one executor thread converts messages and hands work over (the service and the action await
+Threads: one executor thread checks messages and hands work over (camera frames unconverted) (the service and the action await
 their outcome as coroutines, so they never block that thread); one InferenceWorker thread owns the
 model. Outcomes are published from the worker thread (rclpy publishers are thread-safe).
 
 QoS, on purpose:
-- camera: keep last 1 (a busy node never works through a backlog). Depth and camera info: keep last
+- camera: keep last IMAGE_HISTORY_DEPTH (10), so that a frame arriving while the executor is busy waits
+  instead of replacing the one before (keep last 1 lost a third of a reliable 720p camera's frames at
+  30 Hz). The callback only checks a frame's fields and hands the message over; the worker converts
+  the newest when it takes it, so the backlog costs little and the newest frame still wins (compressed
+  frames are decoded on arrival: a corrupt file shows only then). Depth and camera info: keep last
   DEPTH_BUFFER_LENGTH, so that a depth image is not replaced before the executor stores it; the worker
   pairs the frame it takes with the depth image closest in stamp then (not when the answer is
   published, which may be seconds later) and with the newest camera info. Reliability
@@ -62,7 +66,7 @@ from lisa_core.result import STAGE_DECODING_MASKS, STAGE_ENCODING, STAGE_GENERAT
 from lisa_ros import health
 from lisa_ros.conversations import ConversationLimits, ConversationStore
 from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, DepthView, cloud_points, pair_depth, target_geometry
-from lisa_ros.image_conv import compressed_imgmsg_to_cv2, cv2_to_imgmsg, imgmsg_to_cv2
+from lisa_ros.image_conv import check_imgmsg, compressed_imgmsg_to_cv2, cv2_to_imgmsg, imgmsg_to_cv2
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, resolve_model, write_tiny_preset
 from lisa_ros.msg import SegmentationResult as SegmentationResultMsg
 from lisa_ros.msg import Target as TargetMsg
@@ -80,6 +84,9 @@ SHUTDOWN_WORKER_WAIT_S = 1.0
 # The process exits right after close(): results still in flight (a frame-sized mask takes a while)
 # would be lost, and with them a query's only outcome.
 SHUTDOWN_DELIVERY_WAIT_S = 0.5
+# Camera frames a subscription holds while the executor is busy: a frame that arrives meanwhile waits
+# instead of replacing the one before (keep last 1 lost a third of reliable 720p frames at 30 Hz).
+IMAGE_HISTORY_DEPTH = 10
 PUBLISHER_POLL_S = 0.5  # how often `auto` reliability looks for a camera publisher that is not there yet
 # Per-camera input topics may be set under the camera's name (head.image_topic: /head_cam/color/image_raw).
 CAMERA_INPUTS = ("image_topic", "depth_topic", "camera_info_topic")
@@ -394,7 +401,7 @@ class PerceptionNode(LifecycleNode):
         else:
             image_type = Image
         channel.image_topic = self.resolve_topic_name(image_topic)
-        inputs = [(image_type, image_topic, lambda msg: self._on_image(channel, msg), 1)]
+        inputs = [(image_type, image_topic, lambda msg: self._on_image(channel, msg), IMAGE_HISTORY_DEPTH)]
         depth_topic = self._input_topic(channel, p, "depth_topic")
         if p["depth_topic"] or (channel.name and p.get(f"{channel.name}.depth_topic")):
             inputs += [(Image, depth_topic, lambda msg: self._on_depth(channel, msg), DEPTH_BUFFER_LENGTH),
@@ -438,9 +445,12 @@ class PerceptionNode(LifecycleNode):
         channel.frames_in.tick()
         channel.last_frame_at = time.monotonic()
         try:
-            image = (compressed_imgmsg_to_cv2(msg, "rgb8") if isinstance(msg, CompressedImage)
-                     else self._colour_image(msg))
-            check_aspect_ratio(*image.shape[:2])
+            if isinstance(msg, CompressedImage):  # decoded now: a corrupt file shows only when decoded
+                image = compressed_imgmsg_to_cv2(msg, "rgb8")
+                check_aspect_ratio(*image.shape[:2])
+            else:  # checked now, converted only if the worker takes it (most frames are replaced first)
+                self._check_colour_message(msg)
+                image = msg
         except InputError as error:
             channel.counts["bad_frames"] += 1
             self.report_error(f"bad image on {channel.image_topic}: {error}", channel)
@@ -449,15 +459,20 @@ class PerceptionNode(LifecycleNode):
             self._worker.submit_frame(Frame(image, msg.header, time.monotonic(), next(self._frame_keys),
                                             channel.name))
 
-    def _colour_image(self, msg: Image) -> np.ndarray:
+    def _check_colour_message(self, msg: Image) -> None:
+        """InputError unless `msg` converts to an rgb8 frame the node takes; converts nothing."""
         pixels, limit = int(msg.width) * int(msg.height), self.get_parameter("max_image_pixels").value
         if pixels > limit:
             raise InputError(f"{msg.width}x{msg.height} is {pixels} pixels, more than max_image_pixels ({limit})")
-        if msg.width and msg.height:  # zero sizes are refused by the conversion, with their own message
+        if msg.width and msg.height:  # zero sizes are refused by check_imgmsg, with their own message
             check_aspect_ratio(msg.height, msg.width)
         if msg.encoding not in COLOUR_ENCODINGS:
             raise InputError(f"encoding {msg.encoding!r} is not a colour or mono8 image "
                              f"(expected one of {', '.join(COLOUR_ENCODINGS)})")
+        check_imgmsg(msg)
+
+    def _colour_image(self, msg: Image) -> np.ndarray:
+        self._check_colour_message(msg)
         return imgmsg_to_cv2(msg, "rgb8")
 
     def _on_depth(self, channel: CameraChannel, msg: Image) -> None:
@@ -656,9 +671,11 @@ class PerceptionNode(LifecycleNode):
         return messages
 
     def _prepare_frame(self, frame: Frame) -> Frame:
-        """The frame the worker takes (worker thread), with the depth image closest in stamp now and the
-        newest camera info: what the answer's 3D outputs use however long the answer takes."""
+        """The frame the worker takes (worker thread), converted to rgb8, with the depth image closest in
+        stamp now and the newest camera info: what the answer's 3D outputs use however long it takes."""
         channel = self._channels[frame.camera]
+        if isinstance(frame.image, Image):
+            frame = dataclasses.replace(frame, image=imgmsg_to_cv2(frame.image, "rgb8"))
         with self._lock:
             depth_images = list(channel.depth_images)
         info = channel.camera_info

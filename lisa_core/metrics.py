@@ -5,7 +5,7 @@ An empty prediction on an empty ground truth (union 0) counts as IoU 1, as in th
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -82,3 +82,24 @@ class SegmentationMeter:
 
     def summary(self) -> dict[str, float]:
         return {"gIoU": self.giou, "cIoU": self.ciou, "queries": len(self)}
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    _, group = np.unique(values, return_inverse=True)
+    return (np.bincount(group, ranks) / np.bincount(group))[group]
+
+
+def spearman_correlation(x: ArrayLike, y: ArrayLike) -> Optional[float]:
+    """Spearman's rank correlation (ties get their average rank); None when either side is constant."""
+    x, y = _as_numpy(x).astype(float).ravel(), _as_numpy(y).astype(float).ravel()
+    if x.shape != y.shape:
+        raise InputError(f"{x.size} values against {y.size}: rank correlation needs pairs")
+    if x.size < 2:
+        return None
+    rank_x, rank_y = _average_ranks(x), _average_ranks(y)
+    if rank_x.std() == 0 or rank_y.std() == 0:
+        return None
+    return float(np.corrcoef(rank_x, rank_y)[0, 1])

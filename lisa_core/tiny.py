@@ -47,6 +47,14 @@ CONVERSATION_FRAME = SYSTEM_PROMPT + " USER: ASSISTANT:"
 CONVERSATION_FRAME_WEIGHT = 20
 
 
+def without_added_tokens(text: str) -> str:
+    """`text` with LISA's added tokens blanked out. A BPE that sees "[SEG]" spelled in its corpus learns
+    pieces for it beside the added token, and a small model then writes those pieces ("orange[SEG]")."""
+    for token in LISA_ADDED_TOKENS:
+        text = text.replace(token, " ")
+    return text
+
+
 def build_tiny_tokenizer(extra_corpus: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """A small Llama-like BPE tokenizer (<unk>=0, <s>=1, </s>=2; BOS added) with LISA's added tokens."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
@@ -58,9 +66,8 @@ def build_tiny_tokenizer(extra_corpus: Iterable[str] = ()) -> PreTrainedTokenize
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:;'\"()-_/[]<>\n"),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(
-        [CONVERSATION_FRAME] * CONVERSATION_FRAME_WEIGHT + list(BASE_CORPUS) + list(extra_corpus), trainer=trainer
-    )
+    texts = [CONVERSATION_FRAME] * CONVERSATION_FRAME_WEIGHT + list(BASE_CORPUS) + list(extra_corpus)
+    tokenizer.train_from_iterator([without_added_tokens(text) for text in texts], trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )

@@ -10,8 +10,8 @@ import pytest
 
 from lisa_core.errors import InputError
 from lisa_ros.demo import SCENES_FILE, load_scenes, scenes_dir
-from training.data.synthetic import SyntheticReasonSeg
-from training.demo_scenes import DEMO_KINDS, DEPTH_MM, SCALE, write_scenes
+from training.data.phrasing import OFFICIAL
+from training.demo_scenes import DEMO_FRAMES, DEPTH_MM, SCALE, demo_benchmark, write_scenes
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "demo" / "scenes"
 
@@ -38,19 +38,21 @@ def test_shipped_scenes_are_small_and_found_beside_the_demo_model():
 
 def test_demo_reads_the_benchmark_scenes_with_their_ground_truth():
     scenes = load_scenes(SHIPPED)
-    benchmark = SyntheticReasonSeg("val", seed=0, kinds=DEMO_KINDS)
     assert len(scenes) == len(_index(SHIPPED)) >= 4
+    assert {scene.image.shape[:2] for scene in scenes} >= {(720, 1280), (720, 720)}
     for index, scene in enumerate(scenes):
+        benchmark = demo_benchmark(index)
+        assert benchmark.eval_phrasing != OFFICIAL and benchmark.aspect_ratios == (DEMO_FRAMES[index],)
         sample = benchmark.eval_sample(index)
-        side = sample.image.shape[0] * SCALE
+        height, width = (side * SCALE for side in sample.image.shape[:2])
         assert scene.instruction == sample.conversations[0][0][0]
-        assert scene.image.dtype == np.uint8 and scene.image.shape == (side, side, 3)
+        assert scene.image.dtype == np.uint8 and scene.image.shape == (height, width, 3)
         # RGB as the benchmark drew it: every SCALE x SCALE block is one source pixel.
         assert np.array_equal(scene.image[::SCALE, ::SCALE], sample.image)
         assert np.array_equal(scene.truth[::SCALE, ::SCALE], sample.query_ground_truth(0) == 1)
         assert scene.truth.any()
         assert scene.depth.dtype == np.uint16 and np.all(scene.depth == DEPTH_MM)
-        assert scene.k[2] == side / 2 and scene.k[5] == side / 2 and scene.k[8] == 1.0
+        assert scene.k[2] == width / 2 and scene.k[5] == height / 2 and scene.k[8] == 1.0
 
 
 @pytest.fixture
@@ -67,14 +69,14 @@ def test_a_missing_file_is_named(copied_scenes):
 
 
 def test_depth_that_is_not_16_bit_is_refused(copied_scenes):
-    cv2.imwrite(str(copied_scenes / "00_depth.png"), np.full((384, 384), 80, np.uint8))
+    cv2.imwrite(str(copied_scenes / "00_depth.png"), np.full((720, 1280), 80, np.uint8))
     with pytest.raises(InputError, match=r"00_depth\.png: expected 1-channel uint16, got uint8"):
         load_scenes(copied_scenes)
 
 
 def test_a_file_of_another_size_than_the_camera_is_refused(copied_scenes):
     cv2.imwrite(str(copied_scenes / "02.png"), np.zeros((100, 384, 3), np.uint8))
-    with pytest.raises(InputError, match=r"02\.png: 384x100, but the camera is 384x384"):
+    with pytest.raises(InputError, match=r"02\.png: 384x100, but the camera is 960x720"):
         load_scenes(copied_scenes)
 
 

@@ -9,6 +9,7 @@ from lisa_core.checkpoint import from_pretrained
 from lisa_core.pipeline import LisaPipeline
 from lisa_core.tiny import save_tiny_checkpoint
 from training.data import Sample, SyntheticReasonSeg, corpus
+from training.data.synthetic import is_well_formed
 from training.evaluate import GroupedMeter, evaluate, evaluate_forced, main as evaluate_main, sample_groups
 
 
@@ -114,3 +115,15 @@ def test_command_line_writes_a_json_report(checkpoint, tmp_path):
         assert set(report["splits"][split]) == {"generation", "forced"}
         assert report["splits"][split]["forced"]["queries"] == 3
         assert 0.0 <= report["splits"][split]["generation"]["gIoU"] <= 1.0
+
+
+def test_generation_reports_well_formed_answers_and_confidence_ranks(checkpoint, samples):
+    absent = _forced_pipeline(checkpoint, "There is no such object in the image.")
+    report = evaluate(absent, {"val": samples}, modes=("generation",), answer_check=is_well_formed)["val"]["generation"]
+    assert report["well_formed"] == 1.0 and report["targets"] == 0 and report["confidence_iou_spearman"] is None
+    broken = _forced_pipeline(checkpoint, "[SEG]. The red circle would fly because it is round.")
+    report = evaluate(broken, {"val": samples}, modes=("generation",), answer_check=is_well_formed)["val"]["generation"]
+    assert report["well_formed"] == 0.0 and report["targets"] == len(samples)
+    low, high = report["confidence_range"]
+    assert 0.0 <= low <= high <= 1.0
+    assert evaluate(broken, {"val": samples}, modes=("generation",))["val"]["generation"]["well_formed"] is None

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from training.losses import LossWeights, dice_per_mask, lisa_loss, mask_losses, sigmoid_bce_per_mask
+from training.losses import (
+    LossWeights,
+    dice_per_mask,
+    iou_prediction_loss,
+    lisa_loss,
+    mask_ious,
+    mask_losses,
+    sigmoid_bce_per_mask,
+)
 
 
 def _bce(logit: float, target: float) -> float:
@@ -102,3 +110,23 @@ def test_batch_without_masks_adds_nothing_and_gradients_flow_through_masks():
 def test_mismatched_shapes_are_named():
     with pytest.raises(ValueError, match="sample 0"):
         mask_losses([torch.zeros(1, 2, 2)], [torch.zeros(1, 3, 3)])
+
+
+def test_iou_term_is_the_squared_error_to_each_masks_iou():
+    logits = torch.tensor([[[1.0, 1.0], [-1.0, -1.0]], [[-1.0, -1.0], [-1.0, -1.0]]])  # top row; nothing
+    targets = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
+    assert mask_ious(logits, targets).tolist() == [0.5, 0.0]
+    assert mask_ious(torch.full((1, 2, 2), -1.0), torch.zeros(1, 2, 2)).tolist() == [1.0]  # nothing to find
+    predicted = torch.tensor([0.9, 0.2], requires_grad=True)
+    expected = ((0.9 - 0.5) ** 2 + (0.2 - 0.0) ** 2) / 2
+    assert iou_prediction_loss([predicted], [logits], [targets]).item() == pytest.approx(expected)
+    ce = torch.tensor(0.0)
+    loss = lisa_loss(ce, [logits], [targets], LossWeights(iou=3.0), [predicted])
+    assert loss.iou.item() == pytest.approx(3.0 * expected)
+    assert loss.total.item() == pytest.approx(loss.bce.item() + loss.dice.item() + 3.0 * expected)
+    loss.total.backward()
+    assert predicted.grad.tolist() == pytest.approx([3.0 * 2 * 0.4 / 2, 3.0 * 2 * 0.2 / 2])
+    # The official recipe (weight 0) adds nothing and needs no predictions.
+    assert lisa_loss(ce, [logits], [targets]).iou.item() == 0.0
+    with pytest.raises(ValueError, match="no IoU predictions"):
+        lisa_loss(ce, [logits], [targets], LossWeights(iou=1.0))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lisa_core.errors import InputError
-from lisa_core.metrics import SegmentationMeter, intersection_and_union, iou_from_counts
+from lisa_core.metrics import SegmentationMeter, intersection_and_union, iou_from_counts, spearman_correlation
 
 
 def grid(rows):
@@ -88,3 +88,15 @@ def test_empty_meter_refuses_to_report():
         SegmentationMeter().giou
     with pytest.raises(InputError, match="no queries"):
         SegmentationMeter().ciou
+
+
+def test_spearman_by_hand():
+    assert spearman_correlation([0.1, 0.4, 0.2, 0.9], [1, 3, 2, 4]) == pytest.approx(1.0)
+    assert spearman_correlation([3, 2, 1], [0.2, 0.5, 0.9]) == pytest.approx(-1.0)
+    # ties share their average rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 3, 2, 4)
+    x, y = np.array([1, 2.5, 2.5, 4]), np.array([1, 3, 2, 4])
+    by_hand = ((x - x.mean()) * (y - y.mean())).sum() / np.sqrt(((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    assert spearman_correlation([5, 7, 7, 9], [0.1, 0.3, 0.2, 0.8]) == pytest.approx(by_hand)
+    assert spearman_correlation([1, 1, 1], [1, 2, 3]) is None and spearman_correlation([1], [2]) is None
+    with pytest.raises(InputError, match="pairs"):
+        spearman_correlation([1, 2], [1, 2, 3])

@@ -28,5 +28,5 @@ def test_demo_answers_every_instruction_and_writes_overlays(tmp_path):
     overlays = sorted(out.glob("scene_*.png"))
     assert len(overlays) == 2
     image = cv2.imread(str(overlays[0]))
-    assert image.shape == (384, 384, 3)
+    assert image.shape == (720, 1280, 3)  # the first demo scene: a 16:9 camera
     assert "Traceback" not in (out / "node.log").read_text()

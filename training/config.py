@@ -72,6 +72,7 @@ class TrainConfig:
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    iou_weight: float = 0.0  # SAM's IoU-prediction head (training.losses); the official recipe leaves it untrained
     seed: int = 0
 
     # --- engine ----------------------------------------------------------------------------------

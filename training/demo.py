@@ -10,8 +10,10 @@ Steps:
    (`finetune: full`: LoRA cannot teach a random network) on the synthetic reasoning benchmark
    (training.data.synthetic) with explained answers ("[SEG]. <explanation>"; the config says why);
 2. export of the final weights to `--out` in lisa_core's format (what the node loads by default);
-3. `training.evaluate` on the benchmark's test split (compositions never seen in training) and val
-   split, in generation mode (what users get) and the official forced-"[SEG]." mode;
+3. `training.evaluate` on EVALUATION_SETS: the val split and the test split (compositions never seen
+   in training) with the official question on square frames, and the test split on 16:9 frames
+   asked in trained and in held-out phrasings (training.data.phrasing), each in generation mode (what
+   users get: gIoU, well-formed answers, confidence against IoU) and the official forced-"[SEG]." mode;
 4. `--out`/results.json (the full report), `--out`/loss_curve.png, `--out`/RESULTS.md (command,
    wall time, machine, numbers).
 The run folder (checkpoints, metrics.jsonl) goes to the config's output_dir (out/runs/demo, ignored by
@@ -33,12 +35,23 @@ from typing import Optional
 import torch
 
 from training.config import add_config_arguments, load_config
+from training.data.phrasing import HELD_OUT, OFFICIAL, TRAINED
+from training.data.synthetic import is_well_formed
 from training.evaluate import evaluate, format_table, load_split
 from training.launch import run_processes
 from training.train import Trainer
 
 DEFAULT_CONFIG = "training/configs/demo.yaml"
 DEFAULT_PROCESSES = 2
+EVAL_SHORT_SIDE = 128  # the evaluation scenes' short side (the test split as first shipped: 128 x 128)
+# name -> (split, aspect ratio, phrasing)
+EVALUATION_SETS = {
+    "val": ("val", "1:1", OFFICIAL),
+    "test": ("test", "1:1", OFFICIAL),
+    "test 16:9 trained": ("test", "16:9", TRAINED),
+    "test 16:9 held-out": ("test", "16:9", HELD_OUT),
+    "test 1:1 held-out": ("test", "1:1", HELD_OUT),
+}
 
 
 def machine_description(processes: int, threads: int) -> str:
@@ -54,42 +67,58 @@ def machine_description(processes: int, threads: int) -> str:
     )
 
 
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def results_markdown(command: str, train_seconds: float, machine: str, report: dict, config_path: str) -> str:
-    test = report["splits"]["test"]
     lines = [
         "# Demo model: results",
         "",
         "A small LISA (random initialisation, full fine-tuning) trained on the synthetic reasoning benchmark",
-        "(training/data/synthetic.py). The test split holds colour/shape compositions never seen in training.",
+        "(training/data/synthetic.py). The test split holds colour/shape compositions never seen in training;",
+        "held-out phrasings (training/data/phrasing.py) are templates and nouns no training sample uses.",
         "",
         f"- Command: `{command}`",
         f"- Config: `{config_path}`",
         f"- Training wall time: {train_seconds / 60:.1f} min",
         f"- Machine: {machine}",
         "",
-        "| split | mode | gIoU | cIoU | queries |",
-        "|---|---|---|---|---|",
+        "| set | frames | phrasing | mode | gIoU | cIoU | queries | [SEG] count right | well-formed | "
+        "confidence-IoU Spearman | confidence range |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for split, modes in report["splits"].items():
+    for name, modes in report["splits"].items():
+        _, aspect, phrasing = EVALUATION_SETS[name]
         for mode, values in modes.items():
-            lines.append(f"| {split} | {mode} | {values['gIoU']:.4f} | {values['cIoU']:.4f} | {values['queries']} |")
+            generation = mode == "generation"
+            confidence_range = values.get("confidence_range")
+            lines.append(
+                f"| {name} | {aspect} | {phrasing} | {mode} | {values['gIoU']:.4f} | {values['cIoU']:.4f} | "
+                f"{values['queries']} | {_share(values.get('seg_count_accuracy')) if generation else '-'} | "
+                f"{_share(values.get('well_formed')) if generation else '-'} | "
+                f"{_number(values.get('confidence_iou_spearman')) if generation else '-'} | "
+                + (f"{confidence_range[0]:.3f}..{confidence_range[1]:.3f} |" if generation and confidence_range else "- |")
+            )
     lines += [
         "",
-        f"Generation mode on test: [SEG] count right for {test['generation']['seg_count_accuracy']:.1%} of queries;"
-        + (
-            f" absent targets answered without a mask {test['generation']['absent_accuracy']:.1%} of the time."
-            if test["generation"]["absent_accuracy"] is not None else ""
-        ),
-        "The forced mode always decodes one mask, so absent-target queries score 0 there.",
+        "Generation mode is what users get (the answer is generated; the prediction is the union of its masks);",
+        "the forced mode (the official validation protocol) always decodes one mask, so absent-target queries",
+        "score 0 there. Well-formed: the answer is a sentence the benchmark's generator writes, with as many",
+        "[SEG]s as masks. Spearman: each generated target's confidence against its IoU with the ground truth.",
         "",
-        "Per query kind (test split):",
+        "Per query kind:",
         "",
         "```",
-        format_table({"test": test}),
+        format_table({name: {"generation": modes["generation"]} for name, modes in report["splits"].items()}),
         "```",
         "",
-        "Reproduce the numbers alone: `python -m training.evaluate --model models/demo --splits val test "
-        "--out results.json`. Training curve: loss_curve.png.",
+        "Reproduce one set alone, e.g. `python -m training.evaluate --model models/demo --splits test "
+        "--aspect-ratio 16:9 --phrasing held_out --out results.json`. Training curve: loss_curve.png.",
         "",
     ]
     return "\n".join(lines)
@@ -129,15 +158,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from lisa_core.pipeline import LisaPipeline
 
     pipeline = LisaPipeline.from_pretrained(out)
-    image_size = next(e for e in config.datasets if e["type"] == "synthetic").get("image_size", 128)
     splits = {}
-    for split in ("val", "test"):
-        dataset = load_split("synthetic", split, root=None, size=args.eval_size, seed=0, image_size=image_size)
-        splits[split] = [dataset.eval_sample(index) for index in range(len(dataset))]
+    for name, (split, aspect_ratio, phrasing) in EVALUATION_SETS.items():
+        dataset = load_split("synthetic", split, root=None, size=args.eval_size, seed=0, image_size=EVAL_SHORT_SIDE,
+                             aspect_ratio=aspect_ratio, phrasing=phrasing)
+        splits[name] = [dataset.eval_sample(index) for index in range(len(dataset))]
     report = {
         "model": str(out),
         "data": "synthetic",
-        "splits": evaluate(pipeline, splits),
+        "splits": evaluate(pipeline, splits, answer_check=is_well_formed),
         "train_seconds": train_seconds,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -30,16 +30,18 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from lisa_core.errors import ConfigurationError
-from lisa_core.metrics import SegmentationMeter
+from lisa_core.metrics import SegmentationMeter, intersection_and_union, iou_from_counts, spearman_correlation
 from lisa_core.pipeline import DTYPES, LisaPipeline
 from training.collate import LisaCollator
 from training.data import ReasonSegDataset, Sample, SyntheticReasonSeg
+from training.data.phrasing import OFFICIAL, PHRASINGS
+from training.data.synthetic import ASPECT_RATIOS, is_well_formed
 from training.data.templates import EVAL_ANSWER
 from training.model import LisaForTraining
 
@@ -74,9 +76,20 @@ def sample_groups(sample: Sample) -> list[str]:
     return []
 
 
-def evaluate_generation(pipeline: LisaPipeline, samples: Sequence[Sample], max_new_tokens: Optional[int] = None) -> dict:
+def target_iou(mask: np.ndarray, ground_truths: Sequence[np.ndarray]) -> float:
+    """IoU of one predicted target with the ground-truth mask it overlaps most (0 when there is none)."""
+    return max((iou_from_counts(*intersection_and_union(mask, truth)) for truth in ground_truths), default=0.0)
+
+
+def evaluate_generation(
+    pipeline: LisaPipeline,
+    samples: Sequence[Sample],
+    max_new_tokens: Optional[int] = None,
+    answer_check: Optional[Callable[[str, int], bool]] = None,
+) -> dict:
     meter = GroupedMeter()
-    count_correct, absent_total, absent_correct = 0, 0, 0
+    count_correct, absent_total, absent_correct, well_formed = 0, 0, 0, 0
+    confidences, ious = [], []
     for sample in samples:
         question = sample.conversations[0][0][0]
         result = pipeline.segment(sample.image, question, max_new_tokens=max_new_tokens)
@@ -86,9 +99,18 @@ def evaluate_generation(pipeline: LisaPipeline, samples: Sequence[Sample], max_n
         if not sample.masks:
             absent_total += 1
             absent_correct += int(not result.union_mask.any())
+        if answer_check is not None:
+            well_formed += int(answer_check(result.answer, len(result.targets)))
+        for target in result.targets:
+            confidences.append(target.confidence)
+            ious.append(target_iou(target.mask, sample.masks))
     report = meter.summary()
     report["seg_count_accuracy"] = count_correct / len(samples)
     report["absent_accuracy"] = absent_correct / absent_total if absent_total else None
+    report["well_formed"] = well_formed / len(samples) if answer_check is not None else None
+    report["targets"] = len(confidences)
+    report["confidence_iou_spearman"] = spearman_correlation(confidences, ious)
+    report["confidence_range"] = [min(confidences), max(confidences)] if confidences else None
     return report
 
 
@@ -114,9 +136,13 @@ def evaluate_forced(model, tokenizer, samples: Sequence[Sample], batch_size: int
     return meter.summary()
 
 
-def load_split(data: str, split: str, *, root: Optional[str], size: Optional[int], seed: int, image_size: int):
+def load_split(
+    data: str, split: str, *, root: Optional[str], size: Optional[int], seed: int, image_size: int,
+    aspect_ratio: str = "1:1", phrasing: str = OFFICIAL,
+):
     if data == "synthetic":
-        return SyntheticReasonSeg(split=split, seed=seed, size=size, image_size=image_size)
+        return SyntheticReasonSeg(split=split, seed=seed, size=size, image_size=image_size,
+                                  aspect_ratios=(aspect_ratio,), eval_phrasing=phrasing)
     if data == "reason_seg":
         if root is None:
             raise ConfigurationError("--root (the ReasonSeg folder holding train/ val/ test/) is needed for reason_seg")
@@ -131,8 +157,10 @@ def evaluate(
     *,
     batch_size: int = 8,
     max_new_tokens: Optional[int] = None,
+    answer_check: Optional[Callable[[str, int], bool]] = None,
 ) -> dict:
-    """{split: {mode: report}} for evaluation samples already built."""
+    """{split: {mode: report}} for evaluation samples already built. `answer_check(answer, masks)` says
+    whether an answer is well formed (synthetic.is_well_formed)."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ConfigurationError(f"unknown evaluation modes {sorted(unknown)}; use {MODES}")
@@ -144,7 +172,7 @@ def evaluate(
         for mode in modes:
             started = time.time()
             if mode == "generation":
-                result = evaluate_generation(pipeline, samples, max_new_tokens)
+                result = evaluate_generation(pipeline, samples, max_new_tokens, answer_check)
             else:
                 result = evaluate_forced(pipeline.model, pipeline.tokenizer, samples, batch_size)
             result["seconds"] = time.time() - started
@@ -153,13 +181,13 @@ def evaluate(
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'split':<10} {'mode':<11} {'group':<10} {'gIoU':>7} {'cIoU':>7} {'queries':>8}"]
+    lines = [f"{'split':<20} {'mode':<11} {'group':<10} {'gIoU':>7} {'cIoU':>7} {'queries':>8}"]
     for split, modes in report.items():
         for mode, result in modes.items():
             rows = [("all", result)] + list(result["groups"].items())
             for group, values in rows:
                 lines.append(
-                    f"{split:<10} {mode:<11} {group:<10} {values['gIoU']:>7.4f} {values['cIoU']:>7.4f} "
+                    f"{split:<20} {mode:<11} {group:<10} {values['gIoU']:>7.4f} {values['cIoU']:>7.4f} "
                     f"{values['queries']:>8d}"
                 )
     return "\n".join(lines)
@@ -175,7 +203,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--mode", choices=("generation", "forced", "both"), default="both")
     parser.add_argument("--size", type=int, default=None, help="synthetic: scenes per split (default: the split's size)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: benchmark seed")
-    parser.add_argument("--image-size", type=int, default=128, help="synthetic: scene side in pixels")
+    parser.add_argument("--image-size", type=int, default=128, help="synthetic: the scenes' short side in pixels")
+    parser.add_argument("--aspect-ratio", choices=tuple(ASPECT_RATIOS), default="1:1", help="synthetic: width:height")
+    parser.add_argument("--phrasing", choices=PHRASINGS, default=OFFICIAL,
+                        help="synthetic: the official evaluation question, or a trained or held-out phrasing")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries per split")
     parser.add_argument("--batch-size", type=int, default=8, help="forced mode: samples per forward pass")
     parser.add_argument("--max-new-tokens", type=int, default=None)
@@ -190,7 +221,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     pipeline = LisaPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, vision_tower=args.vision_tower)
     splits = {}
     for split in args.splits:
-        dataset = load_split(args.data, split, root=args.root, size=args.size, seed=args.seed, image_size=args.image_size)
+        dataset = load_split(args.data, split, root=args.root, size=args.size, seed=args.seed, image_size=args.image_size,
+                             aspect_ratio=args.aspect_ratio, phrasing=args.phrasing)
         count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
         splits[split] = [dataset.eval_sample(index) for index in range(count)]
     modes = MODES if args.mode == "both" else (args.mode,)
@@ -198,8 +230,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "model": str(args.model),
         "data": args.data,
         "settings": {"seed": args.seed, "size": args.size, "image_size": args.image_size, "limit": args.limit,
+                     "aspect_ratio": args.aspect_ratio, "phrasing": args.phrasing,
                      "device": args.device, "dtype": args.dtype},
-        "splits": evaluate(pipeline, splits, modes, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),
+        "splits": evaluate(pipeline, splits, modes, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           answer_check=is_well_formed if args.data == "synthetic" else None),
     }
     print(format_table(report["splits"]))
     if args.out:

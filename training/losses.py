@@ -1,4 +1,4 @@
-"""LISA's training loss: 1.0 x text cross-entropy + 2.0 x per-pixel BCE + 0.5 x DICE.
+"""LISA's training loss: 1.0 x text cross-entropy + 2.0 x per-pixel BCE + 0.5 x DICE (+ optionally SAM's IoU term).
 
 The mask terms follow the official recipe:
 - each predicted mask is compared with its ground truth at the image's original resolution;
@@ -11,12 +11,17 @@ The mask terms follow the official recipe:
 Targets are {0, 1}. The official training readers turn ReasonSeg's "ignore" label (255) into
 background (`mask == 1`) before the loss; the loss itself ignores nothing. Label 255 is only ignored by
 the metrics (lisa_core.metrics).
+
+The IoU term (weight 0 in the official recipe, which never trains SAM's IoU-prediction head) is SAM's
+own: the mean squared error between each mask's predicted IoU and the IoU of that mask (logits > 0)
+with its ground truth, the target detached, averaged over the batch's masks. With it the published
+confidence tracks mask quality.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,7 @@ class LossWeights:
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    iou: float = 0.0
 
 
 def sigmoid_bce_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -57,9 +63,10 @@ class LisaLoss:
     ce: torch.Tensor
     bce: torch.Tensor
     dice: torch.Tensor
+    iou: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name).detach()) for name in ("total", "ce", "bce", "dice")}
+        return {name: float(getattr(self, name).detach()) for name in ("total", "ce", "bce", "dice", "iou")}
 
 
 def mask_losses(
@@ -90,20 +97,49 @@ def mask_losses(
     return bce_sum / denominator, dice_sum / denominator, num_masks
 
 
+def mask_ious(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of each mask (logits > 0) with its target: (N, H, W) -> (N,); an empty union counts 1."""
+    predicted = logits.detach().flatten(1) > 0
+    truth = targets.flatten(1) > 0.5
+    intersection = (predicted & truth).sum(-1).float()
+    union = (predicted | truth).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def iou_prediction_loss(
+    iou_predictions: Sequence[torch.Tensor], pred_logits: Sequence[torch.Tensor], gt_masks: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Mean squared error of the IoU predictions (N_i,) to each mask's IoU, over every mask of the batch."""
+    errors, num_masks = [], 0
+    for predicted_iou, logits, target in zip(iou_predictions, pred_logits, gt_masks):
+        if target.shape[0]:
+            errors.append(((predicted_iou.float() - mask_ious(logits, target)) ** 2).sum())
+            num_masks += int(target.shape[0])
+    return torch.stack(errors).sum() / num_masks if errors else torch.zeros(())
+
+
 def lisa_loss(
     ce_loss: torch.Tensor,
     pred_logits: Sequence[torch.Tensor],
     gt_masks: Sequence[torch.Tensor],
     weights: LossWeights = LossWeights(),
+    iou_predictions: Optional[Sequence[torch.Tensor]] = None,
 ) -> LisaLoss:
     """Combine the language model's cross-entropy with the mask terms, weighted as in the recipe.
 
-    A batch without masks (every answer says the target is absent) contributes BCE = DICE = 0.
+    A batch without masks (every answer says the target is absent) contributes BCE = DICE = IoU = 0.
+    `iou_predictions` (N_i,) per sample are needed when `weights.iou` is not 0.
     """
     bce, dice, _ = mask_losses(pred_logits, gt_masks)
     bce = bce.to(ce_loss.device)
     dice = dice.to(ce_loss.device)
+    if weights.iou:
+        if iou_predictions is None:
+            raise ValueError("weights.iou is set but no IoU predictions were given")
+        iou = weights.iou * iou_prediction_loss(iou_predictions, pred_logits, gt_masks).to(ce_loss.device)
+    else:
+        iou = torch.zeros((), device=ce_loss.device)
     ce = weights.ce * ce_loss
     bce = weights.bce * bce
     dice = weights.dice * dice
-    return LisaLoss(total=ce + bce + dice, ce=ce, bce=bce, dice=dice)
+    return LisaLoss(total=ce + bce + dice + iou, ce=ce, bce=bce, dice=dice, iou=iou)

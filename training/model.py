@@ -61,42 +61,45 @@ class LisaForTraining(nn.Module):
 
     def masks_from_states(
         self, batch: LisaBatch, seg_hidden: torch.Tensor, segs_per_row: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """Mask logits per image (N_b, H, W) at the original size, from the [SEG] states of its rows."""
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Mask logits per image (N_b, H, W) at the original size and SAM's IoU predictions (N_b,), from
+        the [SEG] states of its rows."""
         model = self.model
         prompts = model.project_seg(seg_hidden)
         image_embeddings = model.sam_image_embeddings(batch.sam_pixels)
         segs_per_image = torch.zeros(batch.num_images, dtype=torch.long, device=segs_per_row.device)
         segs_per_image.index_add_(0, batch.conversation_image.to(segs_per_row.device), segs_per_row)
-        predictions, start = [], 0
+        predictions, iou_predictions, start = [], [], 0
         for index, count in enumerate(segs_per_image.tolist()):
             height, width = batch.original_sizes[index]
             if count == 0:
                 predictions.append(prompts.new_zeros((0, height, width), dtype=torch.float32))
+                iou_predictions.append(prompts.new_zeros((0,), dtype=torch.float32))
                 continue
-            low_res, _ = model.decode_masks(image_embeddings[index : index + 1], prompts[start : start + count])
+            low_res, predicted_iou = model.decode_masks(image_embeddings[index : index + 1], prompts[start : start + count])
             start += count
             predictions.append(
                 postprocess_masks(
                     low_res, batch.resized_sizes[index], (height, width), size=model.config.sam.image_size
                 )
             )
-        return predictions
+            iou_predictions.append(predicted_iou[:, 0])
+        return predictions, iou_predictions
 
     def predict_masks(self, batch: LisaBatch) -> list[torch.Tensor]:
         """Mask logits per image for the [SEG] tokens already in `batch.input_ids` (no loss)."""
         hidden, _ = self.language_outputs(batch)
-        return self.masks_from_states(batch, *self.seg_states(batch.input_ids, hidden))
+        return self.masks_from_states(batch, *self.seg_states(batch.input_ids, hidden))[0]
 
     def forward(self, batch: LisaBatch) -> dict[str, torch.Tensor]:
         hidden, logits = self.language_outputs(batch)
         ce = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
-        predictions = self.masks_from_states(batch, *self.seg_states(batch.input_ids, hidden))
+        predictions, iou_predictions = self.masks_from_states(batch, *self.seg_states(batch.input_ids, hidden))
         gt_masks = [mask.to(prediction.device) for mask, prediction in zip(batch.gt_masks, predictions)]
-        loss = lisa_loss(ce, predictions, gt_masks, self.loss_weights)
-        return {"loss": loss.total, "ce": loss.ce, "bce": loss.bce, "dice": loss.dice}
+        loss = lisa_loss(ce, predictions, gt_masks, self.loss_weights, iou_predictions)
+        return {"loss": loss.total, "ce": loss.ce, "bce": loss.bce, "dice": loss.dice, "iou": loss.iou}
 
 
 def _matches_any(name: str, fragments) -> bool:

@@ -56,7 +56,7 @@ from training.export import export_model
 from training.losses import LossWeights
 from training.model import LisaForTraining, count_parameters, enable_gradient_checkpointing, prepare_for_finetuning
 
-LOSS_KEYS = ("loss", "ce", "bce", "dice")
+LOSS_KEYS = ("loss", "ce", "bce", "dice", "iou")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -196,7 +196,9 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     window = max(1, len(rows) // 50)  # moving average over ~2% of the run; raw values drawn faintly
     figure, axis = plt.subplots(figsize=(7, 4))
     for key in LOSS_KEYS:
-        values = np.array([row[key] for row in rows])
+        values = np.array([row.get(key, 0.0) for row in rows])
+        if not values.any():  # a term with weight 0 (log scale)
+            continue
         line, = axis.plot(steps, values, alpha=0.15, linewidth=0.5)
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
         axis.plot(steps[window - 1:], smooth, color=line.get_color(), label=key, linewidth=1.5)
@@ -230,7 +232,7 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
-        weights = LossWeights(config.ce_weight, config.bce_weight, config.dice_weight)
+        weights = LossWeights(config.ce_weight, config.bce_weight, config.dice_weight, config.iou_weight)
         self.module = LisaForTraining(model.train(), self.tokenizer, weights)
         parameters = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(

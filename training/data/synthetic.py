@@ -41,6 +41,7 @@ test query involves one (as a target or the relation's reference) or names a hel
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ import numpy as np
 
 from lisa_core.config import SEG_TOKEN
 from lisa_core.errors import InputError
-from training.data import templates
+from training.data import phrasing, templates
+from training.data.phrasing import ALL_OF, PHRASE, PLURAL_PREDICATE, PREDICATE, RELATION, noun_phrase
 from training.data.sample import Sample
 
 COLOURS = {
@@ -93,8 +95,9 @@ ABSENT_ANSWER = "There is no such object in the image."
 ANSWER_STYLES = ("templates", "explained")
 KINDS = ("attribute", "size", "relation", "function", "multiple", "absent")
 KIND_WEIGHTS = {"attribute": 1.0, "size": 1.0, "relation": 1.5, "function": 1.5, "multiple": 1.0, "absent": 0.5}
+ASPECT_RATIOS = {"1:1": (1, 1), "4:3": (4, 3), "16:9": (16, 9)}  # width : height
 SIZE_MARGIN = 1.3  # the largest/smallest must beat the runner-up by this area ratio
-MIN_RADIUS, MAX_RADIUS = 0.07, 0.17  # fractions of the image side
+MIN_RADIUS, MAX_RADIUS = 0.07, 0.17  # fractions of the image's short side
 
 
 @dataclass(frozen=True)
@@ -119,12 +122,18 @@ class Query:
     explanation: str  # "" for absent queries
     involved: tuple[int, ...]  # targets plus a relation's reference
     named_pair: Optional[tuple[str, str]] = None  # the pair an absent query names
+    form: str = PHRASE  # training.data.phrasing.FORMS
+    slots: tuple[tuple[str, str], ...] = ()  # the form's slots, for phrasing.render
+
+    def phrased(self, phrasing_name: str, rng: np.random.Generator) -> str:
+        """The query as a user of `phrasing_name` (phrasing.TRAINED or HELD_OUT) might word it."""
+        return phrasing.render(self.form, dict(self.slots), phrasing_name, rng)
 
 
 @dataclass
 class Scene:
     objects: list[SceneObject]
-    masks: list[np.ndarray]  # uint8 (side, side), one per object
+    masks: list[np.ndarray]  # uint8 (height, width), one per object
     image: np.ndarray
     queries: list[Query]  # every query the split allows for this scene
     rng: np.random.Generator  # the scene's generator, after drawing the layout
@@ -161,8 +170,8 @@ def object_polygon(obj: SceneObject) -> Optional[np.ndarray]:
     return np.stack([x, y], axis=1)
 
 
-def object_mask(obj: SceneObject, size: int) -> np.ndarray:
-    mask = np.zeros((size, size), dtype=np.uint8)
+def object_mask(obj: SceneObject, height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=np.uint8)
     polygon = object_polygon(obj)
     if polygon is None:
         cv2.circle(mask, (int(round(obj.centre[0])), int(round(obj.centre[1]))), int(round(obj.radius)), 1, -1)
@@ -187,13 +196,25 @@ class SyntheticReasonSeg:
         queries_per_image: int = templates.QUERIES_PER_IMAGE,
         kinds: Sequence[str] = KINDS,
         answers: str = "templates",
+        aspect_ratios: Sequence[str] = ("1:1",),
+        image_sizes: Optional[Sequence[int]] = None,
+        official_rate: float = 1.0,
+        eval_phrasing: str = phrasing.OFFICIAL,
     ):
         if split not in SPLITS:
             raise InputError(f"synthetic split must be one of {list(SPLITS)}, got {split!r}")
         if max_objects < 2:
             raise InputError(f"max_objects must be at least 2, got {max_objects}")
-        if image_size < 32:
-            raise InputError(f"image_size must be at least 32, got {image_size}")
+        sizes = (image_size,) if image_sizes is None else tuple(image_sizes)
+        if not sizes or min(sizes) < 32:
+            raise InputError(f"image sizes (short sides) must be at least 32, got {list(sizes)}")
+        unknown_ratios = sorted(set(aspect_ratios) - set(ASPECT_RATIOS))
+        if unknown_ratios or not aspect_ratios:
+            raise InputError(f"aspect_ratios must be a non-empty subset of {list(ASPECT_RATIOS)}, got {list(aspect_ratios)}")
+        if not 0.0 <= official_rate <= 1.0:
+            raise InputError(f"official_rate must be within [0, 1], got {official_rate}")
+        if eval_phrasing not in phrasing.PHRASINGS:
+            raise InputError(f"eval_phrasing must be one of {phrasing.PHRASINGS}, got {eval_phrasing!r}")
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown or not kinds:
             raise InputError(f"kinds must be a non-empty subset of {KINDS}, got {list(kinds)}")
@@ -202,7 +223,10 @@ class SyntheticReasonSeg:
         self.split = split
         self.seed = seed
         self.size = DEFAULT_SIZES[split] if size is None else size
-        self.image_size = image_size
+        self.image_sizes = sizes
+        self.aspect_ratios = tuple(aspect_ratios)
+        self.official_rate = official_rate
+        self.eval_phrasing = eval_phrasing
         self.max_objects = max_objects
         self.explanatory_rate = explanatory_rate
         self.queries_per_image = queries_per_image
@@ -239,22 +263,30 @@ class SyntheticReasonSeg:
                 return Scene(objects, masks, image, queries, rng)
         raise InputError(f"no scene supports a query of kinds {list(self.kinds)}; allow more kinds")
 
+    def _draw_frame(self, rng: np.random.Generator) -> tuple[int, int]:
+        """(height, width). With one size and one ratio nothing is drawn, so square scenes stay as they were."""
+        side = self.image_sizes[0] if len(self.image_sizes) == 1 else self.image_sizes[int(rng.integers(len(self.image_sizes)))]
+        ratio = self.aspect_ratios[0] if len(self.aspect_ratios) == 1 else self.aspect_ratios[int(rng.integers(len(self.aspect_ratios)))]
+        across, down = ASPECT_RATIOS[ratio]
+        return side, int(round(side * across / down))
+
     def _layout(self, rng: np.random.Generator) -> tuple[list[SceneObject], list[np.ndarray], np.ndarray]:
-        side = self.image_size
+        height, width = self._draw_frame(rng)
+        side = min(height, width)
         count = int(rng.integers(2, self.max_objects + 1))
         objects: list[SceneObject] = []
         for position in range(count):
             colour, shape = self._draw_pair(rng, force_held_out=self.split == "test" and position == 0)
             for _ in range(100):
                 radius = float(rng.uniform(MIN_RADIUS, MAX_RADIUS) * side)
-                centre = (float(rng.uniform(radius + 2, side - radius - 2)), float(rng.uniform(radius + 2, side - radius - 2)))
+                centre = (float(rng.uniform(radius + 2, width - radius - 2)), float(rng.uniform(radius + 2, height - radius - 2)))
                 rotation = float(rng.uniform(-0.25, 0.25))
                 if all(math.dist(centre, o.centre) >= radius + o.radius + 3 for o in objects):
                     objects.append(SceneObject(colour, shape, centre, radius, rotation))
                     break
         background = int(rng.integers(200, 246))
-        image = np.full((side, side, 3), background, dtype=np.uint8)
-        masks = [object_mask(obj, side) for obj in objects]
+        image = np.full((height, width, 3), background, dtype=np.uint8)
+        masks = [object_mask(obj, height, width) for obj in objects]
         for obj, mask in zip(objects, masks):
             image[mask == 1] = COLOURS[obj.colour]
         return objects, masks, image
@@ -266,7 +298,7 @@ class SyntheticReasonSeg:
         queries = (
             attribute_queries(objects)
             + size_queries(objects, masks)
-            + relation_queries(objects, masks, self.image_size)
+            + relation_queries(objects, masks, min(masks[0].shape))
             + function_queries(objects)
             + multiple_queries(objects)
             + absent_queries(objects)
@@ -290,12 +322,17 @@ class SyntheticReasonSeg:
             remaining.remove(query)
         return chosen
 
+    def _question(self, query: Query, rng: np.random.Generator) -> str:
+        """LISA's templates with `official_rate`, else a TRAINED phrasing (no draw when the rate is 1)."""
+        if self.official_rate < 1.0 and rng.random() >= self.official_rate:
+            return query.phrased(phrasing.TRAINED, rng)
+        return templates.segmentation_question(query.text, query.is_sentence, rng)
+
     def _turn(self, query: Query, rng: np.random.Generator) -> tuple[str, str]:
         if not query.targets:
-            return templates.segmentation_question(query.text, query.is_sentence, rng), ABSENT_ANSWER
+            return self._question(query, rng), ABSENT_ANSWER
         if self.answers == "explained":
-            question = templates.segmentation_question(query.text, query.is_sentence, rng)
-            return question, f"{join_segs(len(query.targets))}. {query.explanation}"
+            return self._question(query, rng), f"{join_segs(len(query.targets))}. {query.explanation}"
         if len(query.targets) == 1:
             answer = templates.segmentation_answer(rng)
         else:
@@ -304,7 +341,7 @@ class SyntheticReasonSeg:
             asked = query.text if query.is_sentence else f"Where is the {query.text}?"
             question = f"{asked} {templates.choose(templates.EXPLANATORY_QUESTION_SUFFIXES, rng)}"
             return question, f"{answer} {query.explanation}"
-        return templates.segmentation_question(query.text, query.is_sentence, rng), answer
+        return self._question(query, rng), answer
 
     def get(self, index: int, rng: np.random.Generator) -> Sample:
         scene = self.scene(index)
@@ -317,18 +354,26 @@ class SyntheticReasonSeg:
         return Sample(scene.image, conversations, masks, self.name, meta)
 
     def eval_sample(self, index: int) -> Sample:
-        """One query per scene, fixed by (seed, split, index), with the canonical answer."""
+        """One query per scene, fixed by (seed, split, index), with the canonical answer, asked with the
+        official evaluation question or, for `eval_phrasing` TRAINED / HELD_OUT, a phrasing of that set
+        fixed by (seed, split, index, phrasing)."""
         scene = self.scene(index)
         query = self._draw_queries(scene.queries, scene.rng, 1)[0]
         if not query.targets:
             answer = ABSENT_ANSWER
         else:
             answer = f"{join_segs(len(query.targets))}."
-        turn = (templates.eval_question(query.text, query.is_sentence), answer)
+        if self.eval_phrasing == phrasing.OFFICIAL:
+            question = templates.eval_question(query.text, query.is_sentence)
+        else:
+            phrasing_rng = np.random.default_rng([self.seed, SPLITS[self.split], index, phrasing.PHRASINGS.index(self.eval_phrasing)])
+            question = query.phrased(self.eval_phrasing, phrasing_rng)
+        turn = (question, answer)
         meta = {
             "kind": query.kind,
             "query": query.text,
             "is_sentence": query.is_sentence,
+            "phrasing": self.eval_phrasing,
             "split": self.split,
             "objects": [(o.colour, o.shape) for o in scene.objects],
         }
@@ -346,6 +391,14 @@ def describe(obj: SceneObject) -> str:
     return f"{obj.colour} {obj.shape}"
 
 
+def phrase_slots(adjective: str, head: str = "") -> tuple[tuple[str, str], ...]:
+    return (("adjective", adjective), ("head", head))
+
+
+def predicate_slots(singular: str, plural_verb: str) -> tuple[tuple[str, str], ...]:
+    return (("pred", singular), ("preds", plural_verb))
+
+
 def attribute_queries(objects: list[SceneObject]) -> list[Query]:
     queries = []
     for index, obj in enumerate(objects):
@@ -354,13 +407,15 @@ def attribute_queries(objects: list[SceneObject]) -> list[Query]:
         same_pair = [o for o in objects if o.pair == obj.pair]
         if len(same_colour) == 1:
             queries.append(
-                Query("attribute", f"{obj.colour} shape", False, (index,),
-                      f"The {describe(obj)} is the only {obj.colour} shape.", (index,))
+                Query("attribute", noun_phrase(obj.colour, ""), False, (index,),
+                      f"The {describe(obj)} is the only {obj.colour} shape.", (index,),
+                      slots=phrase_slots(obj.colour))
             )
         elif len(same_shape) > 1 and len(same_pair) == 1:
             queries.append(
                 Query("attribute", describe(obj), False, (index,),
-                      f"It is the only {obj.shape} that is {obj.colour}.", (index,))
+                      f"It is the only {obj.shape} that is {obj.colour}.", (index,),
+                      slots=phrase_slots(obj.colour, obj.shape))
             )
     return queries
 
@@ -384,31 +439,33 @@ def size_queries(objects: list[SceneObject], masks: list[np.ndarray]) -> list[Qu
         index = unique_extreme(masks, largest)
         if index is not None:
             queries.append(
-                Query("size", f"{word} shape", False, (index,),
-                      f"The {describe(objects[index])} is {comparison} than every other shape.", (index,))
+                Query("size", noun_phrase(word, ""), False, (index,),
+                      f"The {describe(objects[index])} is {comparison} than every other shape.", (index,),
+                      slots=phrase_slots(word))
             )
     return queries
 
 
-def unique_references(objects: list[SceneObject], masks: list[np.ndarray]) -> list[tuple[int, str]]:
-    """(object index, description) of objects that one phrase picks out."""
+def unique_references(objects: list[SceneObject], masks: list[np.ndarray]) -> list[tuple[int, str, str]]:
+    """(object index, adjective, head) of objects that one noun phrase picks out (head "": the generic noun)."""
     references = []
-    for largest, word in ((True, "largest shape"), (False, "smallest shape")):
+    for largest, word in ((True, "largest"), (False, "smallest")):
         index = unique_extreme(masks, largest)
         if index is not None:
-            references.append((index, word))
+            references.append((index, word, ""))
     for index, obj in enumerate(objects):
         if sum(o.colour == obj.colour for o in objects) == 1:
-            references.append((index, f"{obj.colour} shape"))
+            references.append((index, obj.colour, ""))
         if sum(o.shape == obj.shape for o in objects) == 1:
-            references.append((index, obj.shape))
+            references.append((index, "", obj.shape))
     return references
 
 
-def relation_queries(objects: list[SceneObject], masks: list[np.ndarray], image_size: int) -> list[Query]:
-    gap = 0.05 * image_size
+def relation_queries(objects: list[SceneObject], masks: list[np.ndarray], short_side: int) -> list[Query]:
+    gap = 0.05 * short_side
     queries = []
-    for reference, reference_text in unique_references(objects, masks):
+    for reference, ref_adjective, ref_head in unique_references(objects, masks):
+        reference_text = noun_phrase(ref_adjective, ref_head)
         ref_x, ref_y = objects[reference].centre
         for relation, (dx, dy) in RELATIONS.items():
             matches = [
@@ -420,20 +477,22 @@ def relation_queries(objects: list[SceneObject], masks: list[np.ndarray], image_
                 queries.append(
                     Query("relation", f"Which shape is {relation} the {reference_text}?", True, (target,),
                           f"The {describe(objects[target])} is the only shape {relation} the {reference_text}.",
-                          (target, reference))
+                          (target, reference), form=RELATION,
+                          slots=(("relation", relation), ("ref_adjective", ref_adjective), ("ref_head", ref_head)))
                 )
     return queries
 
 
 def function_queries(objects: list[SceneObject]) -> list[Query]:
     queries = []
-    for shape, (singular, _, reason) in SHAPE_FUNCTIONS.items():
+    for shape, (singular, plural_verb, reason) in SHAPE_FUNCTIONS.items():
         matches = [i for i, o in enumerate(objects) if o.shape == shape]
         if len(matches) == 1:
             obj = objects[matches[0]]
             queries.append(
                 Query("function", f"Which shape {singular}?", True, tuple(matches),
-                      f"The {describe(obj)} {singular} because {reason}.", tuple(matches))
+                      f"The {describe(obj)} {singular} because {reason}.", tuple(matches),
+                      form=PREDICATE, slots=predicate_slots(singular, plural_verb))
             )
     for colour, (thing, verb) in COLOUR_KNOWLEDGE.items():
         matches = [i for i, o in enumerate(objects) if o.colour == colour]
@@ -442,9 +501,17 @@ def function_queries(objects: list[SceneObject]) -> list[Query]:
             queries.append(
                 Query("function", f"Which shape has the colour of {thing}?", True, tuple(matches),
                       f"The {describe(obj)} has the colour of {thing} because {thing} {verb} {colour}.",
-                      tuple(matches))
+                      tuple(matches), form=PREDICATE, slots=colour_predicate_slots(thing))
             )
     return queries
+
+
+def colour_predicate_slots(thing: str) -> tuple[tuple[str, str], ...]:
+    return predicate_slots(f"has the colour of {thing}", f"have the colour of {thing}")
+
+
+def all_of_slots(adjective: str, head: str, count: int) -> tuple[tuple[str, str], ...]:
+    return phrase_slots(adjective, head) + (("all", "both" if count == 2 else "all the"),)
 
 
 def multiple_queries(objects: list[SceneObject]) -> list[Query]:
@@ -454,11 +521,13 @@ def multiple_queries(objects: list[SceneObject]) -> list[Query]:
         if len(matches) >= 2:
             count = NUMBER_WORDS[len(matches)]
             text = f"Find both {plural(shape)}." if len(matches) == 2 else f"Find all the {plural(shape)}."
-            queries.append(Query("multiple", text, True, matches, f"There are {count} {plural(shape)}.", matches))
+            queries.append(Query("multiple", text, True, matches, f"There are {count} {plural(shape)}.", matches,
+                                 form=ALL_OF, slots=all_of_slots("", shape, len(matches))))
             singular, plural_verb, _ = SHAPE_FUNCTIONS[shape]
             queries.append(
                 Query("multiple", f"Which shapes {plural_verb}?", True, matches,
-                      f"There are {count} {plural(shape)} and each {singular}.", matches)
+                      f"There are {count} {plural(shape)} and each {singular}.", matches,
+                      form=PLURAL_PREDICATE, slots=predicate_slots(singular, plural_verb))
             )
     for colour in COLOURS:
         matches = left_to_right(objects, [i for i, o in enumerate(objects) if o.colour == colour])
@@ -466,7 +535,8 @@ def multiple_queries(objects: list[SceneObject]) -> list[Query]:
             count = NUMBER_WORDS[len(matches)]
             queries.append(
                 Query("multiple", f"Find all the {colour} shapes.", True, matches,
-                      f"There are {count} {colour} shapes.", matches)
+                      f"There are {count} {colour} shapes.", matches,
+                      form=ALL_OF, slots=all_of_slots(colour, "", len(matches)))
             )
     return queries
 
@@ -479,19 +549,64 @@ def absent_queries(objects: list[SceneObject]) -> list[Query]:
     # Pairs one half of which is in the scene: the model must check both attributes.
     for colour, shape in itertools.product(COLOURS, SHAPES):
         if (colour, shape) not in present_pairs and (colour in present_colours or shape in present_shapes):
-            queries.append(Query("absent", f"{colour} {shape}", False, (), "", (), (colour, shape)))
-    for shape, (singular, _, _) in SHAPE_FUNCTIONS.items():
+            queries.append(Query("absent", f"{colour} {shape}", False, (), "", (), (colour, shape),
+                                 slots=phrase_slots(colour, shape)))
+    for shape, (singular, plural_verb, _) in SHAPE_FUNCTIONS.items():
         if shape not in present_shapes:
-            queries.append(Query("absent", f"Which shape {singular}?", True, (), "", ()))
+            queries.append(Query("absent", f"Which shape {singular}?", True, (), "", (),
+                                 form=PREDICATE, slots=predicate_slots(singular, plural_verb)))
     for colour, (thing, _) in COLOUR_KNOWLEDGE.items():
         if colour not in present_colours:
-            queries.append(Query("absent", f"Which shape has the colour of {thing}?", True, (), "", ()))
+            queries.append(Query("absent", f"Which shape has the colour of {thing}?", True, (), "", (),
+                                 form=PREDICATE, slots=colour_predicate_slots(thing)))
     return queries
 
 
+@functools.lru_cache(maxsize=1)
+def explanations() -> frozenset[str]:
+    """Every explanation the generator can write after an answer's [SEG]s."""
+    texts = set()
+    for (colour, shape), comparison in itertools.product(itertools.product(COLOURS, SHAPES), ("larger", "smaller")):
+        described = f"{colour} {shape}"
+        texts.update({
+            f"The {described} is the only {colour} shape.",
+            f"It is the only {shape} that is {colour}.",
+            f"The {described} is {comparison} than every other shape.",
+            f"The {described} {SHAPE_FUNCTIONS[shape][0]} because {SHAPE_FUNCTIONS[shape][2]}.",
+        })
+        thing, verb = COLOUR_KNOWLEDGE[colour]
+        texts.add(f"The {described} has the colour of {thing} because {thing} {verb} {colour}.")
+        references = ["largest shape", "smallest shape", *(f"{c} shape" for c in COLOURS), *SHAPES]
+        texts.update(f"The {described} is the only shape {relation} the {reference}."
+                     for relation, reference in itertools.product(RELATIONS, references))
+    for count in NUMBER_WORDS.values():
+        for shape, (singular, _, _) in SHAPE_FUNCTIONS.items():
+            texts.update({f"There are {count} {plural(shape)}.", f"There are {count} {plural(shape)} and each {singular}."})
+        texts.update(f"There are {count} {colour} shapes." for colour in COLOURS)
+    return frozenset(texts)
+
+
+def is_well_formed(answer: str, masks: int) -> bool:
+    """Whether `answer` is a sentence the generator can write with exactly `masks` [SEG]s: ABSENT_ANSWER
+    for none; else an answer template or the bare "[SEG]." form with that many [SEG]s, alone or followed
+    by one explanation."""
+    answer = answer.strip()
+    if answer.count(SEG_TOKEN) != masks:
+        return False
+    if masks == 0:
+        return answer == ABSENT_ANSWER
+    segs = join_segs(masks)
+    heads = [f"{segs}."] + [template.format(segs=segs) for template in MULTI_ANSWER_TEMPLATES]
+    if masks == 1:
+        heads += list(templates.ANSWER_TEMPLATES)
+    return any(answer == head or answer.startswith(head + " ") and answer[len(head) + 1:] in explanations()
+               for head in heads)
+
+
 def corpus() -> list[str]:
-    """Sentences covering every word the benchmark emits (questions, answers, explanations)."""
-    sentences = list(templates.template_corpus())
+    """Sentences covering every word the benchmark emits (questions in LISA's templates and the TRAINED
+    phrasings, answers, explanations); never the held-out phrasings."""
+    sentences = list(templates.template_corpus()) + phrasing.corpus()
     sentences += list(MULTI_ANSWER_TEMPLATES) + [ABSENT_ANSWER, join_segs(3) + "."]
     sentences.append(" ".join(NUMBER_WORDS.values()))
     colours, shapes = list(COLOURS), list(SHAPES)

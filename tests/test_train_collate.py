@@ -12,6 +12,7 @@ from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
 from training.collate import IGNORE_INDEX, LisaCollator
 from training.config import TrainConfig
 from training.data import Sample, corpus
+from training.losses import LossWeights
 from training.model import (
     LisaForTraining,
     lora_module_names,
@@ -213,11 +214,20 @@ def test_forward_gives_all_loss_terms_and_gradients(tokenizer, model):
     module = LisaForTraining(model.train(), tokenizer)
     batch = LisaCollator(tokenizer, model.config, max_length=512)(list(_two_samples()))
     losses = module(batch)
-    assert set(losses) == {"loss", "ce", "bce", "dice"}
+    assert set(losses) == {"loss", "ce", "bce", "dice", "iou"}
+    assert losses["iou"].item() == 0.0  # the official recipe leaves SAM's IoU head untrained
     assert losses["loss"].item() == pytest.approx(
         (losses["ce"] + losses["bce"] + losses["dice"]).item(), rel=1e-6
     )
     losses["loss"].backward()
-    decoder_grad = model.visual_model.mask_decoder.output_upscaling[0].weight.grad
+    decoder = model.visual_model.mask_decoder
+    decoder_grad = decoder.output_upscaling[0].weight.grad
     assert decoder_grad is not None and decoder_grad.abs().sum() > 0
     assert all(parameter.grad is None for parameter in model.vision_tower.parameters())
+    iou_head = decoder.iou_prediction_head.layers[-1].weight
+    assert iou_head.grad is None or iou_head.grad.abs().sum() == 0
+    model.zero_grad(set_to_none=True)
+    weighted = LisaForTraining(model, tokenizer, LossWeights(iou=1.0))(batch)
+    assert weighted["iou"].item() > 0
+    weighted["loss"].backward()
+    assert iou_head.grad is not None and iou_head.grad.abs().sum() > 0

@@ -12,6 +12,7 @@ from lisa_core.pipeline import LisaPipeline
 from training.config import load_config
 from training.data import SyntheticReasonSeg, build_mixture
 from training.data.synthetic import ABSENT_ANSWER
+from training.demo import EVALUATION_SETS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "training" / "configs" / "demo.yaml"
@@ -20,6 +21,7 @@ DEMO_CONFIG = REPO / "training" / "configs" / "demo.yaml"
 def test_demo_config_trains_on_explained_answers():
     config = load_config(DEMO_CONFIG)
     assert config.finetune == "full" and config.tiny_model is not None
+    assert config.tiny_model["config"]["clip_framing"] == "pad" and config.iou_weight > 0
     dataset = build_mixture(config.datasets, config.epoch_samples, config.seed)
     answers = [answer for index in range(20) for conversation in dataset[index].conversations
                for _, answer in conversation]
@@ -45,9 +47,11 @@ def test_demo_command_trains_on_two_processes_exports_and_reports(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2
     report = json.loads((out / "results.json").read_text())
-    assert set(report["splits"]) == {"val", "test"}
-    assert report["splits"]["test"]["generation"]["queries"] == 3
+    assert set(report["splits"]) == set(EVALUATION_SETS)
+    assert report["splits"]["test 16:9 held-out"]["generation"]["queries"] == 3
+    assert report["splits"]["test"]["generation"]["well_formed"] is not None
     results = (out / "RESULTS.md").read_text()
+    assert "| test 16:9 held-out | 16:9 | held_out | generation |" in results
     assert "2 process(es) x 1 thread(s)" in results
     assert "`python -m training.demo --set output_dir=" in results and "--processes" not in results  # 2: the default
     sample = SyntheticReasonSeg(split="test", size=1).eval_sample(0)

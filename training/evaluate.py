@@ -18,7 +18,12 @@ Reports, per split and mode: gIoU, cIoU, number of queries, and groups: ReasonSe
 (plus the whole split, the paper's "overall"); the synthetic benchmark per query kind (attribute, size,
 relation, function, multiple, absent). Generation mode also reports how often the number of [SEG]s
 written equals the number of ground-truth masks (`seg_count_accuracy`) and, over absent-target
-queries, how often no mask was given (`absent_accuracy`). `--out` writes the report as JSON.
+queries, how often no mask was given (`absent_accuracy`); with an answer check (synthetic:
+`is_well_formed`) the share of well-formed answers (`well_formed`); and over every generated target,
+Spearman's rank correlation of its confidence with its IoU against the ground-truth mask it overlaps
+most (`confidence_iou_spearman`) and the confidences' range. `--out` writes the report as JSON.
+Synthetic scenes can be asked on other frames (`--aspect-ratio 16:9`) and in other words (`--phrasing
+trained|held_out`, training.data.phrasing).
 
 One process; `--limit` evaluates the first N queries of each split.
 """

@@ -1,8 +1,10 @@
 """A synthetic reasoning-segmentation benchmark, generated deterministically from a seed.
 
-Scenes: `image_size` x `image_size` RGB images (128 by default) on a plain grey background holding 2 to
-`max_objects` non-overlapping shapes (circle, square, triangle, hexagon, star) of six colours, random
-size, position and a small rotation. Every object has an exact mask.
+Scenes: RGB images on a plain grey background holding 2 to `max_objects` non-overlapping shapes
+(circle, square, triangle, hexagon, star) of six colours, random size (relative to the short side),
+position anywhere in the frame and a small rotation. Every object has an exact mask. Frames are
+`image_size` x `image_size` (128) by default; `aspect_ratios` (ASPECT_RATIOS: 1:1, 4:3, 16:9) and
+`image_sizes` (short sides) give each scene a drawn shape instead.
 
 Queries need reasoning rather than naming the target:
 - attribute: "red shape" (the only red one), "blue triangle" (the only one of that colour and shape
@@ -16,7 +18,12 @@ Queries need reasoning rather than naming the target:
   grapes (purple);
 - several targets: "Find both triangles.", "Find all the red shapes.", "Which shapes would roll?";
 - absent: a colour/shape pair or a property that no object has.
-Phrases ("red shape") use LISA's short question templates, sentences its long ones.
+Questions: phrases ("red shape") use LISA's short question templates, sentences its long ones (the
+OFFICIAL phrasing). With `official_rate` below 1, training questions are otherwise worded in the
+TRAINED phrasings of training.data.phrasing (commands, questions, polite forms, bare noun phrases,
+synonyms of "shape"); `eval_phrasing` asks evaluation queries in the official question (default), a
+TRAINED or a HELD_OUT phrasing (templates and nouns no training sample and no tokenizer corpus sees).
+With the defaults (one size, one ratio, official_rate 1) the splits are exactly those first shipped.
 
 Answers: one [SEG] per target, targets ordered left to right (then top to bottom), masks in that order:
 LISA's answer templates for one target ("Sure, [SEG]."), "Sure, [SEG] and [SEG]." style for several,
@@ -36,7 +43,9 @@ and are never named in their queries; every "test" scene holds at least one held
 test query involves one (as a target or the relation's reference) or names a held-out pair (absent).
 "val" is in-distribution (for tracking training), "test" measures composition.
 
-`corpus()` lists sentences that cover every word the generator can emit, for building a small tokenizer.
+`corpus()` lists sentences that cover every word the generator can emit in training (never the held-out
+phrasings), for building a small tokenizer. `is_well_formed(answer, masks)` says whether an answer is
+one the generator writes, with as many [SEG]s as masks (`explanations()` lists every explanation).
 """
 
 from __future__ import annotations

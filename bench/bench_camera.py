@@ -4,18 +4,20 @@ default parameters, in Fast DDS's default environment.
     tools/with_env.sh python bench/bench_camera.py [--seconds 15] [--queries 8] [--out bench/results_node.md]
     tools/with_env.sh python bench/bench_camera.py --quick --out /tmp/results.md --json /tmp/numbers.json
 
-A camera process (rgb8 frames: the first demo scene scaled to fit; its 16UC1 depth at the same size
-and CameraInfo; one stamp for the three) publishes 1280x720 and 1920x1080 at 30 Hz, best effort (keep
-last 1) or reliable (keep last 10: rmw_qos_profile_default, what image_transport publishers and most
-drivers use by default). No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS in any process, except
-in one row with FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA in every process. The node runs as its own
+A camera process (rgb8 or bgr8 frames: the first demo scene scaled to fit; its 16UC1 depth at the same
+size and CameraInfo; one stamp for the three) publishes 1280x720 and 1920x1080 at 30 Hz, best effort
+(keep last 1) or reliable (keep last 10: rmw_qos_profile_default, what image_transport publishers and
+most drivers use by default). No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS in any process,
+except in the rows whose transports column says `camera: fastdds_large_frames.xml`: that profile
+(a 32 MB shared-memory segment) in the camera's process only, the node and the client on defaults, as
+README asks of camera drivers. The node runs as its own
 process, default parameters (image_reliability auto, max_image_age 1.0) except the model (the tests'
 tiny model that always segments, max_new_tokens 2: two targets per answer) and cpu_threads 1 (on a
 shared machine torch's default of every core is slower). A client here asks instructions spread over
 the run on the query topic and reads the node's /diagnostics. Per row:
 - frames received by the node (its diagnostics' frame count) of those the camera sent;
-- the same camera, run again, to a bare rclpy subscriber process keeping the last 1 (as the node) or
-  the last 10 frames: what the transport delivered, and what rclpy alone takes in time;
+- the same camera, run again, to a bare rclpy subscriber process keeping the last 10 frames (no model
+  running): what the transport delivered, and what rclpy alone takes in time;
 - queries answered, by status, of those asked; 3D points (targets with centroid_3d_valid) of the
   targets of the successful answers, and why the others have none;
 - query latency: the node's own (result.latency_s) and wall (instruction sent to result here);
@@ -51,7 +53,8 @@ RELIABLE_CAMERA_DEPTH = 10  # rmw_qos_profile_default, image_transport's default
 # Environment variables that choose Fast DDS transports: the default environment has none of them.
 TRANSPORT_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE",
                        "FASTDDS_BUILTIN_TRANSPORTS")
-LARGE_DATA = "LARGE_DATA"
+# The large-frames profile in the camera's process only (a transports value).
+CAMERA_PROFILE = "camera: fastdds_large_frames.xml"
 MAX_NEW_TOKENS = 2
 CPU_THREADS = 1  # as the other node benchmarks: torch's default (every core) is slower on a shared machine
 QUERY_TIMEOUT_S = 30.0
@@ -62,9 +65,9 @@ CAMERA_CODE = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import benc
 SUBSCRIBER_CODE = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench_camera; "
                    "bench_camera.subscriber_main(sys.argv[1:])")
 SIZES = {"320x240": (240, 320), "1280x720": (720, 1280), "1920x1080": (1080, 1920)}
-# Bare subscribers' history depths: 1 as the node's subscriptions; 10 keeps whatever the transport
-# delivered even when frames come in bursts faster than the executor takes them.
-BARE_DEPTHS = (1, 10)
+# The bare subscriber's history depth; it keeps whatever the
+# transport delivered even when frames come in bursts faster than the executor takes them.
+BARE_DEPTH = 10
 DEPTH_OFFSET = re.compile(r"closest depth image is ([0-9.]+) s from the frame")
 
 
@@ -111,7 +114,7 @@ def demo_view(index: int, height: int, width: int) -> tuple[object, object, list
 
 
 def camera_main(argv: Sequence[str]) -> None:
-    """A camera process: per camera name, rgb8 frames, 16UC1 depth and CameraInfo with one stamp, at
+    """A camera process: per camera name, rgb8 (or --encoding bgr8) frames, 16UC1 depth and CameraInfo with one stamp, at
     --rate, once every topic has a subscriber; for --seconds, or until SIGINT. A tick it is too late
     for is skipped, as a driver drops a frame. Writes JSON lines to --report: {"started": time} when it
     starts sending, then {"sent": {camera: frames}, "seconds": s}."""
@@ -129,6 +132,7 @@ def camera_main(argv: Sequence[str]) -> None:
     parser.add_argument("--rate", type=float, default=CAMERA_RATE_HZ)
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--reliable", action="store_true")
+    parser.add_argument("--encoding", choices=("rgb8", "bgr8"), default="rgb8")
     parser.add_argument("--report", type=Path, required=True)
     arguments = parser.parse_args(argv)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
@@ -141,7 +145,8 @@ def camera_main(argv: Sequence[str]) -> None:
         prefix = f"{name}/" if name else ""
         image, depth, k = demo_view(index, arguments.height, arguments.width)
         cameras.append(dict(
-            name=name, sent=0, image=cv2_to_imgmsg(image, "rgb8"),
+            name=name, sent=0, image=cv2_to_imgmsg(image if arguments.encoding == "rgb8" else image[:, :, ::-1].copy(),
+                                                   arguments.encoding),
             depth=cv2_to_imgmsg(depth, "16UC1"),
             info=CameraInfo(width=arguments.width, height=arguments.height, k=k, distortion_model="plumb_bob",
                             d=[0.0] * 5),
@@ -239,10 +244,20 @@ def environment(updates: dict, removals: Sequence[str] = ()) -> Iterator[None]:
 
 def transport_env(env: dict, transports: str) -> dict:
     """`env` without any Fast DDS transport choice, plus FASTDDS_BUILTIN_TRANSPORTS when `transports`
-    names one ("" keeps the default)."""
+    names one ("" and CAMERA_PROFILE keep the default)."""
     env = {key: value for key, value in env.items() if key not in TRANSPORT_VARIABLES}
-    if transports:
+    if transports and transports != CAMERA_PROFILE:
         env["FASTDDS_BUILTIN_TRANSPORTS"] = transports
+    return env
+
+
+def camera_env(env: dict, transports: str) -> dict:
+    """The camera process's environment: `env`, with the large-frames profile for CAMERA_PROFILE."""
+    from lisa_ros.process import use_large_frames_profile
+
+    env = dict(env)
+    if transports == CAMERA_PROFILE:
+        use_large_frames_profile(env)
     return env
 
 
@@ -257,9 +272,9 @@ def start_node(parameters: dict, work: Path, env: dict, namespace: str = "") -> 
 
 
 def start_camera(env: dict, report: Path, log: Path, height: int, width: int, seconds: float, reliable: bool,
-                 cameras: Sequence[str] = ("",), rate: float = CAMERA_RATE_HZ) -> ChildProcess:
+                 cameras: Sequence[str] = ("",), rate: float = CAMERA_RATE_HZ, encoding: str = "rgb8") -> ChildProcess:
     args = ["--cameras", ",".join(cameras), "--width", str(width), "--height", str(height), "--rate", str(rate),
-            "--seconds", str(seconds), "--report", str(report)]
+            "--seconds", str(seconds), "--report", str(report), "--encoding", encoding]
     return start_python(CAMERA_CODE, env, log, args=tuple(args + (["--reliable"] if reliable else [])))
 
 
@@ -308,12 +323,13 @@ def format_statuses(counts: dict) -> str:
 class CameraRun:
     size: str
     reliable: bool
-    transports: str  # "" (default) or a FASTDDS_BUILTIN_TRANSPORTS value
+    transports: str  # "" (default), CAMERA_PROFILE or a FASTDDS_BUILTIN_TRANSPORTS value
+    encoding: str = "rgb8"
 
     @property
     def label(self) -> str:
         qos = f"reliable, keep last {RELIABLE_CAMERA_DEPTH}" if self.reliable else "best effort, keep last 1"
-        return f"{self.size} | {qos} | {self.transports or 'default'}"
+        return f"{self.size} {self.encoding} | {qos} | {self.transports or 'default'}"
 
 
 def measure_bare(run: CameraRun, depth: int, work: Path, domain_id: int, seconds: float) -> dict:
@@ -326,7 +342,8 @@ def measure_bare(run: CameraRun, depth: int, work: Path, domain_id: int, seconds
         "--depth", str(depth), "--report", str(counts_path), *(["--reliable"] if run.reliable else [])))
     camera: Optional[ChildProcess] = None
     try:
-        camera = start_camera(env, report, work / "camera.log", height, width, seconds, run.reliable)
+        camera = start_camera(camera_env(env, run.transports), report, work / "camera.log", height, width, seconds,
+                              run.reliable, encoding=run.encoding)
         wait_started(camera, report, CAMERA_MATCH_TIMEOUT_S + 30)
         cpu_before = cpu_seconds(subscriber.pid)
         camera.process.wait(seconds + 60)
@@ -359,7 +376,7 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
     camera: Optional[ChildProcess] = None
     context = Context()
     with environment({key: env[key] for key in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR")}
-                     | ({"FASTDDS_BUILTIN_TRANSPORTS": run.transports} if run.transports else {}),
+                     | {key: env[key] for key in TRANSPORT_VARIABLES if key in env},
                      TRANSPORT_VARIABLES):
         rclpy.init(context=context, domain_id=domain_id)
         client = PerceptionClient(context, name="bench_camera_client", camera=False)
@@ -368,7 +385,8 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
         node_ready_s = time.monotonic() - node_started
         frames_before = client.frames_received()
         report = work / "camera.jsonl"
-        camera = start_camera(env, report, work / "camera.log", height, width, seconds, run.reliable)
+        camera = start_camera(camera_env(env, run.transports), report, work / "camera.log", height, width, seconds,
+                              run.reliable, encoding=run.encoding)
         wait_started(camera, report, CAMERA_MATCH_TIMEOUT_S + 30)
         started, cpu_before = time.monotonic(), cpu_seconds(node.pid)
         results, walls, missing = [], [], 0
@@ -430,13 +448,14 @@ def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) 
         f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: the camera path, default environment "
         "(bench/bench_camera.py)\n",
         f"Machine: {machine}.",
-        f"Camera in its own process: rgb8 (a demo scene) + 16UC1 depth + CameraInfo (one stamp) at "
+        f"Camera in its own process: rgb8 or bgr8 (a demo scene) + 16UC1 depth + CameraInfo (one stamp) at "
         f"{CAMERA_RATE_HZ:.0f} Hz, {seconds:.0f} s per row; best effort keep last 1, or reliable keep last "
         f"{RELIABLE_CAMERA_DEPTH} (rmw_qos_profile_default, image_transport's default). Node: a fresh process "
         "per row, default parameters (image_reliability auto, max_image_age 1.0) except the tests' tiny "
         f"segmenting model with max_new_tokens {MAX_NEW_TOKENS} and cpu_threads {CPU_THREADS}; {queries} "
         "instructions spread over each row. No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS, except "
-        "where the transports column says LARGE_DATA (set in every process of that row). Bare rclpy "
+        f"where the transports column says `{CAMERA_PROFILE}` (the 32 MB shared-memory profile in the "
+        "camera's process only) or names a FASTDDS_BUILTIN_TRANSPORTS value (set in every process). Bare rclpy "
         "subscriber: the same camera again, to a process that only counts image, depth and camera info "
         "callbacks (same reliability, SingleThreadedExecutor like the node), keeping "
         + " or ".join(f"the last {depth}" for depth in depths) + "; each its own run of the camera.\n",
@@ -483,12 +502,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     arguments = parser.parse_args(argv)
     if arguments.quick:
-        seconds, queries, bare_depths = 3.0, 2, BARE_DEPTHS[-1:]
+        seconds, queries = 3.0, 2
         runs = [CameraRun("320x240", False, ""), CameraRun("320x240", True, "")]
     else:
-        seconds, queries, bare_depths = arguments.seconds, arguments.queries, BARE_DEPTHS
+        seconds, queries = arguments.seconds, arguments.queries
         runs = [CameraRun(size, reliable, "") for size in ("1280x720", "1920x1080") for reliable in (False, True)]
-        runs.append(CameraRun("1280x720", False, LARGE_DATA))
+        runs += [CameraRun("1920x1080", True, "", "bgr8")]
+        runs += [CameraRun(size, False, CAMERA_PROFILE) for size in ("1280x720", "1920x1080")]
+        runs += [CameraRun("1920x1080", True, CAMERA_PROFILE)]
     out = arguments.out or (None if arguments.quick else ROOT / "bench" / "results_node.md")
     from bench_node import versions
     from node_support import write_segmenting_model
@@ -500,8 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         rows = []
         for index, run in enumerate(runs):
             row = measure(run, model_dir, Path(work) / f"run_{index}", domain_id, seconds, queries)
-            row["bare"] = [measure_bare(run, depth, Path(work) / f"run_{index}_bare_{depth}", domain_id, seconds)
-                           for depth in bare_depths]
+            row["bare"] = [measure_bare(run, BARE_DEPTH, Path(work) / f"run_{index}_bare", domain_id, seconds)]
             rows.append(row)
             print(f"{run.label}: node ready after {row['node_ready_s']:.1f} s, {row['received']} of "
                   f"{row['sent']} frames received; bare subscribers: "

@@ -19,8 +19,14 @@ Launch arguments (`ros2 launch lisa_ros perception.launch.py --show-args`):
     params_file        YAML with the other parameters (default: the installed config/perception.yaml)
 The arguments override the same parameters in params_file.
 
-The node subscribes to each camera topic as reliably as the camera publishes (image_reliability auto):
-give camera drivers a reliable image QoS for frames of 720p and larger (bench/results_node.md).
+The node subscribes to each camera topic as reliably as the camera publishes (image_reliability auto).
+Frames of 720p and larger at 30 Hz need a setting in the camera driver's process, not in the node's:
+Fast DDS's 0.5 MB shared-memory segment belongs to the publisher and loses best-effort frames (half of
+them at 720p), so start the driver with
+    FASTDDS_DEFAULT_PROFILES_FILE=<install>/share/lisa_ros/config/fastdds_large_frames.xml
+(a 32 MB segment; FASTRTPS_DEFAULT_PROFILES_FILE too on Humble), or give it a reliable image QoS.
+Nothing set for the node alone (that profile, FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA, a 4 MB socket
+buffer) changed what arrived, so this file sets none (README "Camera QoS", bench/results_node.md).
 
 `node_description` is plain Python so that tests can check what this file starts without `launch`
 installed; `generate_launch_description` imports launch lazily and passes that description on.

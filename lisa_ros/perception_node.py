@@ -16,14 +16,15 @@ their outcome as coroutines, so they never block that thread); one InferenceWork
 model. Outcomes are published from the worker thread (rclpy publishers are thread-safe).
 
 QoS, on purpose:
-- camera: keep last IMAGE_HISTORY_DEPTH (10), so that a frame arriving while the executor is busy waits
-  instead of replacing the one before (keep last 1 lost a third of a reliable 720p camera's frames at
-  30 Hz). The callback only checks a frame's fields and hands the message over; the worker converts
-  the newest when it takes it, so the backlog costs little and the newest frame still wins (compressed
-  frames are decoded on arrival: a corrupt file shows only then). Depth and camera info: keep last
-  DEPTH_BUFFER_LENGTH, so that a depth image is not replaced before the executor stores it; the worker
-  pairs the frame it takes with the depth image closest in stamp then (not when the answer is
-  published, which may be seconds later) and with the newest camera info. Reliability
+- camera, depth and camera info: keep last CAMERA_HISTORY_DEPTH (30, one second at 30 Hz), so that a
+  message arriving while the executor is busy (the model answering on 2 cores) waits instead of
+  replacing the one before: with a reliable 720p camera at 30 Hz, keep last 1 lost a third of the
+  frames, keep last 10 4 %, 30 under 1 % (bench/results_node.md). The image callback only checks a
+  frame's fields and hands the message over; the worker converts the newest when it takes it, so a
+  backlog costs little and the newest frame still wins (compressed frames are decoded on arrival: a
+  corrupt file shows only then). The worker pairs the frame it takes with the depth image closest in
+  stamp then (not when the answer is published, which may be seconds later) and with the newest
+  camera info, so no depth image is lost to a replacement and none ages out during a long answer. Reliability
   `auto` (default) matches the publisher found on each topic: reliable publishers get a reliable
   subscription, so a large frame's lost fragments are sent again instead of the frame being lost;
   best-effort publishers get best effort. Until a publisher appears the subscription waits.
@@ -84,9 +85,10 @@ SHUTDOWN_WORKER_WAIT_S = 1.0
 # The process exits right after close(): results still in flight (a frame-sized mask takes a while)
 # would be lost, and with them a query's only outcome.
 SHUTDOWN_DELIVERY_WAIT_S = 0.5
-# Camera frames a subscription holds while the executor is busy: a frame that arrives meanwhile waits
-# instead of replacing the one before (keep last 1 lost a third of reliable 720p frames at 30 Hz).
-IMAGE_HISTORY_DEPTH = 10
+# Messages an image, depth or camera info subscription holds while the executor is busy (one second at
+# 30 Hz: max_image_age's default): one that arrives meanwhile waits instead of replacing the one
+# before. Reliable 720p at 30 Hz while answering: keep last 1 lost a third of the frames, 10 lost 4 %.
+CAMERA_HISTORY_DEPTH = 30
 PUBLISHER_POLL_S = 0.5  # how often `auto` reliability looks for a camera publisher that is not there yet
 # Per-camera input topics may be set under the camera's name (head.image_topic: /head_cam/color/image_raw).
 CAMERA_INPUTS = ("image_topic", "depth_topic", "camera_info_topic")
@@ -106,8 +108,8 @@ def _stamp_ns(header: Header) -> int:
     return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
 
 
-def _sensor_qos(reliable: bool, depth: int) -> QoSProfile:
-    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+def _sensor_qos(reliable: bool) -> QoSProfile:
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=CAMERA_HISTORY_DEPTH,
                       reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT)
 
 
@@ -401,14 +403,14 @@ class PerceptionNode(LifecycleNode):
         else:
             image_type = Image
         channel.image_topic = self.resolve_topic_name(image_topic)
-        inputs = [(image_type, image_topic, lambda msg: self._on_image(channel, msg), IMAGE_HISTORY_DEPTH)]
+        inputs = [(image_type, image_topic, lambda msg: self._on_image(channel, msg))]
         depth_topic = self._input_topic(channel, p, "depth_topic")
         if p["depth_topic"] or (channel.name and p.get(f"{channel.name}.depth_topic")):
-            inputs += [(Image, depth_topic, lambda msg: self._on_depth(channel, msg), DEPTH_BUFFER_LENGTH),
+            inputs += [(Image, depth_topic, lambda msg: self._on_depth(channel, msg)),
                        (CameraInfo, self._input_topic(channel, p, "camera_info_topic"),
-                        lambda msg: self._on_camera_info(channel, msg), DEPTH_BUFFER_LENGTH)]
-        for message_type, topic, callback, history in inputs:
-            subscribe = self._subscriber(channel, message_type, topic, callback, history)
+                        lambda msg: self._on_camera_info(channel, msg))]
+        for message_type, topic, callback in inputs:
+            subscribe = self._subscriber(channel, message_type, topic, callback)
             if p["image_reliability"] == "auto":
                 channel.pending_subscriptions[topic] = subscribe
             else:
@@ -416,11 +418,10 @@ class PerceptionNode(LifecycleNode):
         if channel.pending_subscriptions:
             self._match_publishers(channel)
 
-    def _subscriber(self, channel: CameraChannel, message_type, topic: str, callback,
-                    history: int) -> Callable[[bool], None]:
+    def _subscriber(self, channel: CameraChannel, message_type, topic: str, callback) -> Callable[[bool], None]:
         def subscribe(reliable: bool) -> None:
             channel.subscriptions.append(self.create_subscription(message_type, topic, callback,
-                                                                  _sensor_qos(reliable, history)))
+                                                                  _sensor_qos(reliable)))
             channel.reliability[self.resolve_topic_name(topic)] = "reliable" if reliable else "best_effort"
             self.get_logger().info(f"subscribed to {self.resolve_topic_name(topic)} "
                                    f"({'reliable' if reliable else 'best effort'})")

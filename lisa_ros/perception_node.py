@@ -22,9 +22,10 @@ QoS, on purpose:
   frames, keep last 10 4 %, 30 under 1 % (bench/results_node.md). The image callback only checks a
   frame's fields and hands the message over; the worker converts the newest when it takes it, so a
   backlog costs little and the newest frame still wins (compressed frames are decoded on arrival: a
-  corrupt file shows only then). The worker pairs the frame it takes with the depth image closest in
-  stamp then (not when the answer is published, which may be seconds later) and with the newest
-  camera info, so no depth image is lost to a replacement and none ages out during a long answer. Reliability
+  corrupt file shows only then). When the worker takes a frame, the depth images buffered then go
+  with it (an answer may take seconds, longer than the buffer lasts); the answer uses the one closest
+  in stamp among those and the ones buffered when it is published (a frame's own depth image may
+  arrive just after the frame is taken). Reliability
   `auto` (default) matches the publisher found on each topic: reliable publishers get a reliable
   subscription, so a large frame's lost fragments are sent again instead of the frame being lost;
   best-effort publishers get best effort. Until a publisher appears the subscription waits.
@@ -66,7 +67,7 @@ from lisa_core.preprocess import check_aspect_ratio
 from lisa_core.result import STAGE_DECODING_MASKS, STAGE_ENCODING, STAGE_GENERATING
 from lisa_ros import health
 from lisa_ros.conversations import ConversationLimits, ConversationStore
-from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, DepthView, cloud_points, pair_depth, target_geometry
+from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, cloud_points, pair_depth, target_geometry
 from lisa_ros.image_conv import check_imgmsg, compressed_imgmsg_to_cv2, cv2_to_imgmsg, imgmsg_to_cv2
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, resolve_model, write_tiny_preset
 from lisa_ros.msg import SegmentationResult as SegmentationResultMsg
@@ -115,12 +116,13 @@ def _sensor_qos(reliable: bool) -> QoSProfile:
 
 @dataclass(frozen=True)
 class FrameInputs:
-    """What the node pairs with a frame when the worker takes it (Frame.paired): the depth image
-    closest in stamp then, or why there is none, and the optical frame of its camera info."""
+    """What the node kept for a frame when the worker took it (Frame.paired): the depth images
+    buffered then, of which the answer's 3D outputs use the closest in stamp together with those
+    buffered when it is published (a frame's depth image may arrive just after the frame is taken),
+    and the camera info."""
 
-    depth: Optional[DepthView]
-    no_depth_reason: str
-    optical_frame_id: str
+    depth_images: tuple
+    camera_info: Optional[CameraInfo]
 
 
 @dataclass
@@ -626,8 +628,7 @@ class PerceptionNode(LifecycleNode):
     def _publish_targets(self, channel: CameraChannel, outcome: Outcome, header: Header) -> list:
         """Publishes mask, centroids, answer, cloud, markers and overlay; returns the Target messages."""
         result, outputs = outcome.result, channel.outputs
-        inputs: FrameInputs = outcome.frame.paired
-        depth, no_depth_reason = inputs.depth, inputs.no_depth_reason
+        depth, no_depth_reason, info = self._depth_for(channel, outcome.frame)
         messages, geometries = [], []
         for target in result.targets:
             message = TargetMsg(mask=cv2_to_imgmsg(target.mask.astype(np.uint8) * 255, "mono8", header),
@@ -643,7 +644,8 @@ class PerceptionNode(LifecycleNode):
         if not outputs:  # cleaned up while this answer was being computed: the result topic still gets it
             return messages
 
-        optical_header = Header(stamp=header.stamp, frame_id=inputs.optical_frame_id or header.frame_id)
+        optical_header = Header(stamp=header.stamp, frame_id=(info.header.frame_id if info is not None else "")
+                                or header.frame_id)
         outputs["mask_topic"].publish(cv2_to_imgmsg(result.union_mask.astype(np.uint8) * 255, "mono8", header))
         main = main_target_index(result.targets)
         if main is not None:
@@ -672,18 +674,25 @@ class PerceptionNode(LifecycleNode):
         return messages
 
     def _prepare_frame(self, frame: Frame) -> Frame:
-        """The frame the worker takes (worker thread), converted to rgb8, with the depth image closest in
-        stamp now and the newest camera info: what the answer's 3D outputs use however long it takes."""
+        """The frame the worker takes (worker thread), converted to rgb8, with the depth images and the
+        camera info buffered now: however long the answer takes, its frame's depth is still there."""
         channel = self._channels[frame.camera]
         if isinstance(frame.image, Image):
             frame = dataclasses.replace(frame, image=imgmsg_to_cv2(frame.image, "rgb8"))
         with self._lock:
-            depth_images = list(channel.depth_images)
-        info = channel.camera_info
+            depth_images = tuple(channel.depth_images)
+        return dataclasses.replace(frame, paired=FrameInputs(depth_images, channel.camera_info))
+
+    def _depth_for(self, channel: CameraChannel, frame: Frame):
+        """(DepthView or None, why not, the camera info) for an answer on `frame`: the depth image closest
+        in stamp among those buffered when the worker took the frame and those buffered now."""
+        taken: FrameInputs = frame.paired
+        with self._lock:
+            depth_images = [*taken.depth_images, *channel.depth_images]
+        info = taken.camera_info or channel.camera_info
         depth, reason = pair_depth(depth_images, _stamp_ns(frame.header), tuple(frame.image.shape[:2]),
                                    self.get_parameter("depth_max_offset").value, info.k if info is not None else None)
-        return dataclasses.replace(frame, paired=FrameInputs(depth, reason,
-                                                             info.header.frame_id if info is not None else ""))
+        return depth, reason, info
 
     # ---- diagnostics ------------------------------------------------------------------------------------
     def report_error(self, text: str, channel: Optional[CameraChannel] = None) -> None:

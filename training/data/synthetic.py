@@ -575,17 +575,19 @@ def absent_queries(objects: list[SceneObject]) -> list[Query]:
 def explanations() -> frozenset[str]:
     """Every explanation the generator can write after an answer's [SEG]s."""
     texts = set()
-    for (colour, shape), comparison in itertools.product(itertools.product(COLOURS, SHAPES), ("larger", "smaller")):
+    references = ["largest shape", "smallest shape", *(f"{c} shape" for c in COLOURS), *SHAPES]
+    for colour, shape in itertools.product(COLOURS, SHAPES):
         described = f"{colour} {shape}"
+        singular, _, reason = SHAPE_FUNCTIONS[shape]
+        thing, verb = COLOUR_KNOWLEDGE[colour]
         texts.update({
             f"The {described} is the only {colour} shape.",
             f"It is the only {shape} that is {colour}.",
-            f"The {described} is {comparison} than every other shape.",
-            f"The {described} {SHAPE_FUNCTIONS[shape][0]} because {SHAPE_FUNCTIONS[shape][2]}.",
+            f"The {described} is larger than every other shape.",
+            f"The {described} is smaller than every other shape.",
+            f"The {described} {singular} because {reason}.",
+            f"The {described} has the colour of {thing} because {thing} {verb} {colour}.",
         })
-        thing, verb = COLOUR_KNOWLEDGE[colour]
-        texts.add(f"The {described} has the colour of {thing} because {thing} {verb} {colour}.")
-        references = ["largest shape", "smallest shape", *(f"{c} shape" for c in COLOURS), *SHAPES]
         texts.update(f"The {described} is the only shape {relation} the {reference}."
                      for relation, reference in itertools.product(RELATIONS, references))
     for count in NUMBER_WORDS.values():

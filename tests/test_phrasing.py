@@ -14,11 +14,13 @@ from training.data.synthetic import (
     ABSENT_ANSWER,
     ASPECT_RATIOS,
     COLOURS,
+    MAX_UNKNOWN_WORDS,
     SHAPES,
     SyntheticReasonSeg,
     corpus,
     explanations,
     is_well_formed,
+    vocabulary,
 )
 
 WORD = re.compile(r"[A-Za-z]+")
@@ -68,6 +70,7 @@ def test_held_out_phrasings_never_reach_training_or_the_tokenizer():
     assert {"item", "piece", "hand", "locate", "highlight", "whatever"} <= HELD_OUT_ONLY
     questions = training_questions(aspect_ratios=tuple(ASPECT_RATIOS))
     assert words(questions) & HELD_OUT_ONLY == set()
+    assert words(training_questions(unknown_word_rate=0.5)) & HELD_OUT_ONLY == set()
     assert words(corpus()) & HELD_OUT_ONLY == set()
     phrased = [q for q in questions if "segmentation mask" not in q and "in this image" not in q]
     assert 0.45 < len(phrased) / len(questions) < 0.75  # official_rate 0.4: LISA's templates 40% of the time
@@ -75,6 +78,42 @@ def test_held_out_phrasings_never_reach_training_or_the_tokenizer():
     rng = np.random.default_rng(0)
     lisa_questions = {q for index in range(300) for c in official_only.get(index, rng).conversations for q, _ in c}
     assert len(set(questions)) > 1.5 * len(lisa_questions)
+
+
+def test_made_up_words_keep_the_query_and_never_spell_a_held_out_word():
+    dataset = SyntheticReasonSeg("train", seed=3, answers="explained", official_rate=0.0, unknown_word_rate=1.0)
+    rng = np.random.default_rng(0)
+    known = vocabulary() | phrasing.TEMPLATE_WORDS
+    edited, questions = 0, []
+    for index in range(300):
+        sample = dataset.get(index, rng)
+        for query, conversation in zip(sample.meta["queries"], sample.conversations):
+            question = conversation[0][0]
+            questions.append(question)
+            made_up = words([question]) - known
+            assert len(made_up) <= MAX_UNKNOWN_WORDS, question
+            edited += bool(made_up)
+            content = words([query]) - words(["which shape shapes find both all the is of has have"])
+            assert content <= words([question]), (query, question)
+            assert "{" not in question and "  " not in question
+    assert edited > 0.75 * len(questions)  # a noun edit is a no-op when the query names its shape
+    assert words(questions) & HELD_OUT_ONLY == set()
+    plain = SyntheticReasonSeg("train", seed=3, answers="explained", official_rate=0.0)
+    rng = np.random.default_rng(0)
+    plain_questions = [c[0][0] for index in range(300) for c in plain.get(index, rng).conversations]
+    assert all(words([q]) <= known for q in plain_questions)
+    with pytest.raises(InputError, match="unknown_word_rate"):
+        SyntheticReasonSeg(unknown_word_rate=-0.1)
+
+
+def test_pseudo_words_are_never_known_or_held_out_words():
+    rng = np.random.default_rng(0)
+    vocabulary_words = vocabulary()
+    made_up = {phrasing.pseudo_word(rng, vocabulary_words) for _ in range(3000)}
+    assert len(made_up) > 1000
+    assert made_up.isdisjoint(vocabulary_words | phrasing.TEMPLATE_WORDS)
+    assert not any(held_out in word for word in made_up for held_out in HELD_OUT_ONLY)
+    assert "red" in vocabulary_words and "item" in phrasing.HELD_OUT_WORDS
 
 
 def test_every_query_form_renders_in_both_phrasings_with_its_content_words():

@@ -17,12 +17,19 @@ Phrasings:
 - HELD_OUT: other templates and the generic nouns "item" and "piece", for the test split only: no
   training sample and no tokenizer corpus sees them. The colour, shape, size, relation and knowledge
   words stay those of training: a model trained from random weights cannot know a word it never saw.
+
+Unknown words: a model trained from random weights has never seen a word outside its training text,
+so a user's own word (a held-out one among them) reaches it as pieces it never learned to read.
+`render(..., unknown_words=k)` makes up to k edits with made-up words (`pseudo_word`: syllables that are
+no word of the vocabulary and hold no held-out word): the generic noun becomes one, a template word is
+replaced by one, or one is inserted. A question edited like that still means the same query, which
+teaches the model to read past the words it does not know.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -97,6 +104,62 @@ TEMPLATES = {
 }
 
 
+TEMPLATE_WORD = re.compile(r"([A-Za-z]+)([,.?]?)")
+CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def _words(texts) -> set[str]:
+    return {word.lower() for text in texts for word in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", text))}
+
+
+def _phrasing_words(name: str) -> set[str]:
+    return _words(t for forms in TEMPLATES[name].values() for t in forms) | _words(
+        word for pair in NOUNS[name].items() for word in pair)
+
+
+TEMPLATE_WORDS = frozenset(_phrasing_words(TRAINED) | _phrasing_words(HELD_OUT))
+HELD_OUT_WORDS = frozenset(_phrasing_words(HELD_OUT) - _phrasing_words(TRAINED))
+
+
+def pseudo_word(rng: np.random.Generator, vocabulary: frozenset[str] = frozenset()) -> str:
+    """A made-up lowercase word of 1-3 syllables: never a template word or a word of `vocabulary`, and
+    never holding a held-out word ("kitem" is refused), so training never spells a held-out word."""
+    while True:
+        syllables = int(rng.integers(1, 4))
+        word = "".join(CONSONANTS[int(rng.integers(len(CONSONANTS)))] + VOWELS[int(rng.integers(len(VOWELS)))]
+                       for _ in range(syllables))
+        if rng.random() < 0.5:
+            word += CONSONANTS[int(rng.integers(len(CONSONANTS)))]
+        if (len(word) >= 3 and word not in TEMPLATE_WORDS and word not in vocabulary
+                and not any(held_out in word for held_out in HELD_OUT_WORDS)):
+            return word
+
+
+def _with_made_up_words(template: str, edits: int, rng: np.random.Generator,
+                        vocabulary: frozenset[str]) -> tuple[str, Optional[str]]:
+    """`template` after `edits` edits (replace a template word, insert a word, or make up the generic
+    noun), and the made-up noun (None when the noun stays)."""
+    chunks = template.split(" ")
+    noun = None
+    for _ in range(edits):
+        edit = int(rng.integers(3))
+        plain = [i for i, chunk in enumerate(chunks) if TEMPLATE_WORD.fullmatch(chunk)]
+        if edit == 0 and plain:
+            index = plain[int(rng.integers(len(plain)))]
+            word, punctuation = TEMPLATE_WORD.fullmatch(chunks[index]).groups()
+            made_up = pseudo_word(rng, vocabulary)
+            chunks[index] = (made_up.capitalize() if word[0].isupper() else made_up) + punctuation
+        elif edit == 1:
+            index = int(rng.integers(len(chunks)))  # before chunk `index`: never after the closing punctuation
+            made_up = pseudo_word(rng, vocabulary)
+            if index == 0 and chunks[0][0].isupper():
+                made_up, chunks[0] = made_up.capitalize(), chunks[0][0].lower() + chunks[0][1:]
+            chunks.insert(index, made_up)
+        else:
+            noun = pseudo_word(rng, vocabulary)
+    return " ".join(chunks), noun
+
+
 def noun_phrase(adjective: str, head: str, noun: str = CANONICAL_NOUN) -> str:
     """ "red shape" (no head: the generic noun), "blue triangle", "triangle" (no adjective)."""
     return " ".join(word for word in (adjective, head or noun) if word)
@@ -106,8 +169,10 @@ def plural_noun_phrase(adjective: str, head: str, nouns: str) -> str:
     return " ".join(word for word in (adjective, head + "s" if head else nouns) if word)
 
 
-def render(form: str, slots: Mapping[str, str], phrasing: str, rng: np.random.Generator) -> str:
-    """The query in one template of `phrasing` (TRAINED or HELD_OUT), with a generic noun drawn from it."""
+def render(form: str, slots: Mapping[str, str], phrasing: str, rng: np.random.Generator,
+           unknown_words: int = 0, vocabulary: frozenset[str] = frozenset()) -> str:
+    """The query in one template of `phrasing` (TRAINED or HELD_OUT), with a generic noun drawn from it,
+    and `unknown_words` edits with made-up words that are not in `vocabulary` (the module doc says why)."""
     if phrasing not in TEMPLATES:
         raise InputError(f"phrasing must be one of {sorted(TEMPLATES)}, got {phrasing!r}")
     if form not in FORMS:
@@ -116,7 +181,12 @@ def render(form: str, slots: Mapping[str, str], phrasing: str, rng: np.random.Ge
     template = templates[int(rng.integers(len(templates)))]
     nouns = NOUNS[phrasing]
     noun = list(nouns)[int(rng.integers(len(nouns)))]
-    values = {"noun": noun, "nouns": nouns[noun]}
+    plural_noun = nouns[noun]
+    if unknown_words:
+        template, made_up_noun = _with_made_up_words(template, unknown_words, rng, vocabulary)
+        if made_up_noun is not None:
+            noun, plural_noun = made_up_noun, made_up_noun + "s"
+    values = {"noun": noun, "nouns": plural_noun}
     if form == PHRASE:
         values["np"] = noun_phrase(slots["adjective"], slots["head"], noun)
     elif form in (PREDICATE, PLURAL_PREDICATE):
@@ -124,7 +194,7 @@ def render(form: str, slots: Mapping[str, str], phrasing: str, rng: np.random.Ge
     elif form == RELATION:
         values.update(rel=slots["relation"], ref=noun_phrase(slots["ref_adjective"], slots["ref_head"], noun))
     else:
-        values.update(nps=plural_noun_phrase(slots["adjective"], slots["head"], nouns[noun]), all=slots["all"])
+        values.update(nps=plural_noun_phrase(slots["adjective"], slots["head"], plural_noun), all=slots["all"])
     return template.format(**values)
 
 

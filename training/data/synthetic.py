@@ -23,7 +23,10 @@ OFFICIAL phrasing). With `official_rate` below 1, training questions are otherwi
 TRAINED phrasings of training.data.phrasing (commands, questions, polite forms, bare noun phrases,
 synonyms of "shape"); `eval_phrasing` asks evaluation queries in the official question (default), a
 TRAINED or a HELD_OUT phrasing (templates and nouns no training sample and no tokenizer corpus sees).
-With the defaults (one size, one ratio, official_rate 1) the splits are exactly those first shipped.
+With `unknown_word_rate` above 0, that share of the TRAINED-phrased training questions gets 1 to
+MAX_UNKNOWN_WORDS made-up words (phrasing.pseudo_word: none is a word of `vocabulary()`) in place of a
+template word or the generic noun, or inserted: practice at reading past words the model never saw.
+With the defaults (one size, one ratio, official_rate 1, no unknown words) the splits are exactly those first shipped.
 
 Answers: one [SEG] per target, targets ordered left to right (then top to bottom), masks in that order:
 LISA's answer templates for one target ("Sure, [SEG]."), "Sure, [SEG] and [SEG]." style for several,
@@ -53,6 +56,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -107,6 +111,7 @@ KIND_WEIGHTS = {"attribute": 1.0, "size": 1.0, "relation": 1.5, "function": 1.5,
 ASPECT_RATIOS = {"1:1": (1, 1), "4:3": (4, 3), "16:9": (16, 9)}  # width : height
 SIZE_MARGIN = 1.3  # the largest/smallest must beat the runner-up by this area ratio
 MIN_RADIUS, MAX_RADIUS = 0.07, 0.17  # fractions of the image's short side
+MAX_UNKNOWN_WORDS = 2  # made-up words in one question
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,10 @@ class Query:
     form: str = PHRASE  # training.data.phrasing.FORMS
     slots: tuple[tuple[str, str], ...] = ()  # the form's slots, for phrasing.render
 
-    def phrased(self, phrasing_name: str, rng: np.random.Generator) -> str:
-        """The query as a user of `phrasing_name` (phrasing.TRAINED or HELD_OUT) might word it."""
-        return phrasing.render(self.form, dict(self.slots), phrasing_name, rng)
+    def phrased(self, phrasing_name: str, rng: np.random.Generator, unknown_words: int = 0) -> str:
+        """The query as a user of `phrasing_name` (phrasing.TRAINED or HELD_OUT) might word it, with
+        `unknown_words` edits by made-up words."""
+        return phrasing.render(self.form, dict(self.slots), phrasing_name, rng, unknown_words, vocabulary())
 
 
 @dataclass
@@ -209,6 +215,7 @@ class SyntheticReasonSeg:
         image_sizes: Optional[Sequence[int]] = None,
         official_rate: float = 1.0,
         eval_phrasing: str = phrasing.OFFICIAL,
+        unknown_word_rate: float = 0.0,
     ):
         if split not in SPLITS:
             raise InputError(f"synthetic split must be one of {list(SPLITS)}, got {split!r}")
@@ -222,6 +229,8 @@ class SyntheticReasonSeg:
             raise InputError(f"aspect_ratios must be a non-empty subset of {list(ASPECT_RATIOS)}, got {list(aspect_ratios)}")
         if not 0.0 <= official_rate <= 1.0:
             raise InputError(f"official_rate must be within [0, 1], got {official_rate}")
+        if not 0.0 <= unknown_word_rate <= 1.0:
+            raise InputError(f"unknown_word_rate must be within [0, 1], got {unknown_word_rate}")
         if eval_phrasing not in phrasing.PHRASINGS:
             raise InputError(f"eval_phrasing must be one of {phrasing.PHRASINGS}, got {eval_phrasing!r}")
         unknown = sorted(set(kinds) - set(KINDS))
@@ -235,6 +244,7 @@ class SyntheticReasonSeg:
         self.image_sizes = sizes
         self.aspect_ratios = tuple(aspect_ratios)
         self.official_rate = official_rate
+        self.unknown_word_rate = unknown_word_rate
         self.eval_phrasing = eval_phrasing
         self.max_objects = max_objects
         self.explanatory_rate = explanatory_rate
@@ -332,9 +342,13 @@ class SyntheticReasonSeg:
         return chosen
 
     def _question(self, query: Query, rng: np.random.Generator) -> str:
-        """LISA's templates with `official_rate`, else a TRAINED phrasing (no draw when the rate is 1)."""
+        """LISA's templates with `official_rate`, else a TRAINED phrasing, with made-up words at
+        `unknown_word_rate` (no draw when a rate makes it certain)."""
         if self.official_rate < 1.0 and rng.random() >= self.official_rate:
-            return query.phrased(phrasing.TRAINED, rng)
+            unknown = 0
+            if self.unknown_word_rate > 0 and rng.random() < self.unknown_word_rate:
+                unknown = int(rng.integers(1, MAX_UNKNOWN_WORDS + 1))
+            return query.phrased(phrasing.TRAINED, rng, unknown)
         return templates.segmentation_question(query.text, query.is_sentence, rng)
 
     def _turn(self, query: Query, rng: np.random.Generator) -> tuple[str, str]:
@@ -612,6 +626,12 @@ def is_well_formed(answer: str, masks: int) -> bool:
         heads += list(templates.ANSWER_TEMPLATES)
     return any(answer == head or answer.startswith(head + " ") and answer[len(head) + 1:] in explanations()
                for head in heads)
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> frozenset[str]:
+    """Every word of `corpus()`, lowercase: what a made-up word must never be."""
+    return frozenset(word.lower() for sentence in corpus() for word in re.findall(r"[A-Za-z]+", sentence))
 
 
 def corpus() -> list[str]:

@@ -23,9 +23,10 @@ QoS, on purpose:
   frame's fields and hands the message over; the worker converts the newest when it takes it, so a
   backlog costs little and the newest frame still wins (compressed frames are decoded on arrival: a
   corrupt file shows only then). When the worker takes a frame, the depth images buffered then go
-  with it (an answer may take seconds, longer than the buffer lasts); the answer uses the one closest
-  in stamp among those and the ones buffered when it is published (a frame's own depth image may
-  arrive just after the frame is taken). Reliability
+  with it (an answer may take seconds, longer than the buffer lasts), and until it is answered each
+  depth image that arrives is offered to it too (a frame's own depth image may arrive after the frame
+  is taken, and be pushed out of the buffer before the answer comes); the answer uses the closest in
+  stamp of those and of the ones buffered when it is published. Reliability
   `auto` (default) matches the publisher found on each topic: reliable publishers get a reliable
   subscription, so a large frame's lost fragments are sent again instead of the frame being lost;
   best-effort publishers get best effort. Until a publisher appears the subscription waits.
@@ -90,6 +91,7 @@ SHUTDOWN_DELIVERY_WAIT_S = 0.5
 # 30 Hz: max_image_age's default): one that arrives meanwhile waits instead of replacing the one
 # before. Reliable 720p at 30 Hz while answering: keep last 1 lost a third of the frames, 10 lost 4 %.
 CAMERA_HISTORY_DEPTH = 30
+AWAITING_DEPTH_FRAMES = 8  # taken frames offered the depth images that arrive while they are answered
 PUBLISHER_POLL_S = 0.5  # how often `auto` reliability looks for a camera publisher that is not there yet
 # Per-camera input topics may be set under the camera's name (head.image_topic: /head_cam/color/image_raw).
 CAMERA_INPUTS = ("image_topic", "depth_topic", "camera_info_topic")
@@ -114,15 +116,20 @@ def _sensor_qos(reliable: bool) -> QoSProfile:
                       reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class FrameInputs:
-    """What the node kept for a frame when the worker took it (Frame.paired): the depth images
-    buffered then, of which the answer's 3D outputs use the closest in stamp together with those
-    buffered when it is published (a frame's depth image may arrive just after the frame is taken),
-    and the camera info."""
+    """What the node keeps for a frame from when the worker takes it (Frame.paired): the depth images
+    buffered then, the closest in stamp of those that arrived after (its own may come late), and the
+    camera info. The answer's 3D outputs use the closest of these and those buffered at publishing."""
 
+    stamp_ns: int
     depth_images: tuple
     camera_info: Optional[CameraInfo]
+    closest_later: Optional[tuple] = None  # (stamp ns, depth, encoding), written by the depth callback
+
+    def offer(self, depth_item: tuple) -> None:
+        if self.closest_later is None or abs(depth_item[0] - self.stamp_ns) < abs(self.closest_later[0] - self.stamp_ns):
+            self.closest_later = depth_item
 
 
 @dataclass
@@ -136,6 +143,9 @@ class CameraChannel:
     pending_subscriptions: dict = field(default_factory=dict)  # topic -> subscribe(reliable), for `auto`
     image_topic: str = ""  # resolved, for messages
     depth_images: deque = field(default_factory=lambda: deque(maxlen=DEPTH_BUFFER_LENGTH))
+    # FrameInputs of frames taken and not answered yet (a query that ends without an answer leaves its
+    # frame here until newer ones push it out)
+    awaiting_depth: deque = field(default_factory=lambda: deque(maxlen=AWAITING_DEPTH_FRAMES))
     camera_info: Optional[CameraInfo] = None
     frames_in: health.RateMeter = field(default_factory=health.RateMeter)
     last_frame_at: Optional[float] = None
@@ -491,8 +501,11 @@ class PerceptionNode(LifecycleNode):
             channel.counts["bad_depth"] += 1
             self.report_error(f"bad depth image: {error}", channel)
             return
+        item = (_stamp_ns(msg.header), depth, msg.encoding)
         with self._lock:
-            channel.depth_images.append((_stamp_ns(msg.header), depth, msg.encoding))
+            channel.depth_images.append(item)
+            for inputs in channel.awaiting_depth:
+                inputs.offer(item)
 
     def _on_camera_info(self, channel: CameraChannel, msg: CameraInfo) -> None:
         channel.camera_info = msg
@@ -675,20 +688,26 @@ class PerceptionNode(LifecycleNode):
 
     def _prepare_frame(self, frame: Frame) -> Frame:
         """The frame the worker takes (worker thread), converted to rgb8, with the depth images and the
-        camera info buffered now: however long the answer takes, its frame's depth is still there."""
+        camera info buffered now, and offered those that arrive until it is answered: however long the
+        answer takes, its frame's depth is still there."""
         channel = self._channels[frame.camera]
         if isinstance(frame.image, Image):
             frame = dataclasses.replace(frame, image=imgmsg_to_cv2(frame.image, "rgb8"))
         with self._lock:
-            depth_images = tuple(channel.depth_images)
-        return dataclasses.replace(frame, paired=FrameInputs(depth_images, channel.camera_info))
+            inputs = FrameInputs(_stamp_ns(frame.header), tuple(channel.depth_images), channel.camera_info)
+            channel.awaiting_depth.append(inputs)
+        return dataclasses.replace(frame, paired=inputs)
 
     def _depth_for(self, channel: CameraChannel, frame: Frame):
         """(DepthView or None, why not, the camera info) for an answer on `frame`: the depth image closest
-        in stamp among those buffered when the worker took the frame and those buffered now."""
+        in stamp among those buffered when the worker took the frame, the closest of those that came
+        after, and those buffered now."""
         taken: FrameInputs = frame.paired
         with self._lock:
-            depth_images = [*taken.depth_images, *channel.depth_images]
+            if taken in channel.awaiting_depth:
+                channel.awaiting_depth.remove(taken)
+            later = [taken.closest_later] if taken.closest_later is not None else []
+            depth_images = [*taken.depth_images, *later, *channel.depth_images]
         info = taken.camera_info or channel.camera_info
         depth, reason = pair_depth(depth_images, _stamp_ns(frame.header), tuple(frame.image.shape[:2]),
                                    self.get_parameter("depth_max_offset").value, info.k if info is not None else None)

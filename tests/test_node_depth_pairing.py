@@ -1,6 +1,6 @@
 """Depth is paired with the frame the worker took, however long the answer takes: a depth camera that
 keeps publishing (newer stamps, other depths) while the model answers does not take the 3D point away
-or change it.
+or change it, also when the frame's own depth image arrives after the worker took the frame.
 """
 
 import time
@@ -45,12 +45,16 @@ def client(ros):
         end_process(process)
 
 
-def test_the_3d_point_comes_from_the_frames_own_depth_however_long_the_answer_takes(client):
+def _answer_while_depth_streams(client, depth_late: bool):
+    """Publishes a frame (with its depth image first, or only once the model answers) and asks a long
+    query; while it is answered, publishes more than DEPTH_BUFFER_LENGTH later depth images. The main
+    target of the result."""
     from lisa_ros.action import Query
 
     stamp = time.time_ns()
     header = client.publish_frame(scene(0), stamp, FRAME_ID)
-    client.publish_depth(depth_image(), header)
+    if not depth_late:
+        client.publish_depth(depth_image(), header)
     client.publish_camera_info(header, K, 160, 120)
     frames = client.frames_received()
     assert client.wait_for(lambda: client.frames_received() > frames, 10), "the node has the frame"
@@ -63,6 +67,8 @@ def test_the_3d_point_comes_from_the_frames_own_depth_however_long_the_answer_ta
         with client.lock:
             return any(message.stage == message.STAGE_GENERATING for _, message in feedback)
     assert client.wait_for(generating, 30), "the model took the query"
+    if depth_late:
+        client.publish_depth(depth_image(), header)
     later = np.where(depth_image() > 0, LATER_DEPTH_MM, 0).astype(np.uint16)
     published = 0
     while not result_future.done():
@@ -77,6 +83,18 @@ def test_the_3d_point_comes_from_the_frames_own_depth_however_long_the_answer_ta
     result = client.goal_result(handle)
     assert result.status == Status.OK, result.error
     assert (result.header.stamp.sec, result.header.stamp.nanosec) == (header.stamp.sec, header.stamp.nanosec)
-    main = max((t for t in result.targets if t.area_px > 0), key=lambda t: t.confidence)
+    return max((t for t in result.targets if t.area_px > 0), key=lambda t: t.confidence)
+
+
+def test_the_3d_point_comes_from_the_frames_own_depth_however_long_the_answer_takes(client):
+    main = _answer_while_depth_streams(client, depth_late=False)
+    assert main.centroid_3d_valid, main.depth_error
+    assert main.centroid_3d.z == pytest.approx(FRAME_DEPTH_MM / 1000.0), "the frame's own depth image"
+
+
+def test_a_depth_image_that_arrives_after_the_frame_was_taken_still_pairs_with_it(client):
+    """The frame's depth comes once the model is answering and is then pushed out of the buffer by
+    newer ones: the taken frame was offered it on arrival."""
+    main = _answer_while_depth_streams(client, depth_late=True)
     assert main.centroid_3d_valid, main.depth_error
     assert main.centroid_3d.z == pytest.approx(FRAME_DEPTH_MM / 1000.0), "the frame's own depth image"

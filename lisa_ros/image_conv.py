@@ -12,6 +12,7 @@ The readers use only the messages' fields, so they also take the messages a bag 
 from __future__ import annotations
 
 import array
+import struct
 import sys
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -43,6 +44,10 @@ _SAME_DATA = {frozenset(("mono16", "16UC1"))}
 # Compressions of image_transport's compressed transport: name in `format` -> the file's magic bytes.
 _COMPRESSIONS = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
 _FILE_SUFFIXES = {"jpeg": ".jpg", "png": ".png"}
+# A whole file ends with its end marker (jpeg EOI, png IEND chunk); a writer may pad a few bytes after it.
+_END_MARKERS = {"jpeg": b"\xff\xd9", "png": b"IEND\xaeB`\x82"}
+_END_SEARCH_BYTES = 64
+_JPEG_HEADER_SEARCH_BYTES = 1 << 20  # the frame header comes before the scan data (EXIF, tables: far less)
 # Layouts cv2.imdecode returns for 8-bit files, by channel count.
 _DECODED_ENCODINGS = {1: "mono8", 3: "bgr8", 4: "bgra8"}
 
@@ -131,14 +136,8 @@ def compressed_imgmsg_to_cv2(msg: CompressedImage, desired_encoding: str = "rgb8
     `format` names the compression ("jpeg", "png", "rgb8; jpeg compressed bgr8", ...); the data must be
     a whole file of that kind. 16-bit files (compressedDepth) are refused.
     """
-    compression = _compression(str(msg.format))
-    data = byte_array(msg.data)
-    if data.size == 0:
-        raise ImageConversionError(f"compressed image ({msg.format!r}) has no data")
-    magic = _COMPRESSIONS[compression]
-    if bytes(data[:len(magic)]) != magic:
-        raise ImageConversionError(f"compressed image data is not a {compression} file (format {msg.format!r}, "
-                                   f"data starts with {bytes(data[:8])!r})")
+    check_compressed_imgmsg(msg)
+    compression, data = _compression(str(msg.format)), byte_array(msg.data)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageConversionError(f"compressed image data ({data.size} bytes) is a corrupt or truncated "
@@ -153,6 +152,57 @@ def compressed_imgmsg_to_cv2(msg: CompressedImage, desired_encoding: str = "rgb8
     if desired_encoding == encoding:
         return image
     return _convert(image, encoding, desired_encoding)
+
+
+def check_compressed_imgmsg(msg: CompressedImage) -> tuple[int, int]:
+    """(height, width) of the jpeg or png in `msg`, read from its header after the checks that need no
+    decoding (format, data, the file's magic bytes and end marker, a png's bit depth): a truncated file
+    or a 16-bit png is refused here; damage inside the file shows only when it is decoded."""
+    compression = _compression(str(msg.format))
+    data = byte_array(msg.data)
+    if data.size == 0:
+        raise ImageConversionError(f"compressed image ({msg.format!r}) has no data")
+    magic = _COMPRESSIONS[compression]
+    if bytes(data[:len(magic)]) != magic:
+        raise ImageConversionError(f"compressed image data is not a {compression} file (format {msg.format!r}, "
+                                   f"data starts with {bytes(data[:8])!r})")
+    size = _png_size(data) if compression == "png" else _jpeg_size(data)
+    if size is None or not bytes(data[-_END_SEARCH_BYTES:]).rstrip(b"\x00").endswith(_END_MARKERS[compression]):
+        raise ImageConversionError(f"compressed image data ({data.size} bytes) is a corrupt or truncated "
+                                   f"{compression} file (no {'header' if size is None else 'end marker'} "
+                                   "where the format puts it)")
+    return size
+
+
+def _png_size(data: np.ndarray) -> Optional[tuple[int, int]]:
+    header = bytes(data[8:26])  # IHDR chunk: length, type, width, height, bit depth, colour type
+    if len(header) < 18 or header[4:8] != b"IHDR":
+        return None
+    if header[16] == 16:
+        raise ImageConversionError("compressed image is a 16-bit png; only 8-bit images are supported "
+                                   "(not compressedDepth)")
+    width, height = struct.unpack(">II", header[8:16])
+    return height, width
+
+
+def _jpeg_size(data: np.ndarray) -> Optional[tuple[int, int]]:
+    """From the first start-of-frame segment (SOF0-SOF15 but DHT, JPG and DAC), walking the segments."""
+    raw = bytes(data[:_JPEG_HEADER_SEARCH_BYTES])
+    position = 2
+    while position + 9 <= len(raw):
+        if raw[position] != 0xFF:
+            return None
+        marker = raw[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", raw[position + 5:position + 9])
+            return height, width
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        position += 2 + struct.unpack(">H", raw[position + 2:position + 4])[0]
+    return None
 
 
 def cv2_to_compressed_imgmsg(image_rgb: np.ndarray, format: str = "jpeg",

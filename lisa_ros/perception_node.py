@@ -21,8 +21,8 @@ QoS, on purpose:
   replacing the one before: with a reliable 720p camera at 30 Hz, keep last 1 lost a third of the
   frames, keep last 10 4 %, 30 under 1 % (bench/results_node.md). The image callback only checks a
   frame's fields and hands the message over; the worker converts the newest when it takes it, so a
-  backlog costs little and the newest frame still wins (compressed frames are decoded on arrival: a
-  corrupt file shows only then). When the worker takes a frame, the depth images buffered then go
+  backlog costs little and the newest frame still wins (a compressed frame's format, end marker and
+  size are checked on arrival; damage inside the file shows when the worker decodes it: BAD_IMAGE). When the worker takes a frame, the depth images buffered then go
   with it (an answer may take seconds, longer than the buffer lasts), and until it is answered each
   depth image that arrives is offered to it too (a frame's own depth image may arrive after the frame
   is taken, and be pushed out of the buffer before the answer comes); the answer uses the closest in
@@ -69,7 +69,8 @@ from lisa_core.result import STAGE_DECODING_MASKS, STAGE_ENCODING, STAGE_GENERAT
 from lisa_ros import health
 from lisa_ros.conversations import ConversationLimits, ConversationStore
 from lisa_ros.geometry import DEPTH_SCALE_TO_METRES, cloud_points, pair_depth, target_geometry
-from lisa_ros.image_conv import check_imgmsg, compressed_imgmsg_to_cv2, cv2_to_imgmsg, imgmsg_to_cv2
+from lisa_ros.image_conv import (check_compressed_imgmsg, check_imgmsg, compressed_imgmsg_to_cv2, cv2_to_imgmsg,
+                                 imgmsg_to_cv2)
 from lisa_ros.model_source import UNTRAINED_TINY_LABEL, ModelSource, resolve_model, write_tiny_preset
 from lisa_ros.msg import SegmentationResult as SegmentationResultMsg
 from lisa_ros.msg import Target as TargetMsg
@@ -458,27 +459,29 @@ class PerceptionNode(LifecycleNode):
         channel.frames_in.tick()
         channel.last_frame_at = time.monotonic()
         try:
-            if isinstance(msg, CompressedImage):  # decoded now: a corrupt file shows only when decoded
-                image = compressed_imgmsg_to_cv2(msg, "rgb8")
-                check_aspect_ratio(*image.shape[:2])
-            else:  # checked now, converted only if the worker takes it (most frames are replaced first)
+            # checked now, converted or decoded only if the worker takes it (most frames are replaced first)
+            if isinstance(msg, CompressedImage):  # damage inside the file shows only when decoded
+                self._check_frame_size(*check_compressed_imgmsg(msg))
+            else:
                 self._check_colour_message(msg)
-                image = msg
         except InputError as error:
             channel.counts["bad_frames"] += 1
             self.report_error(f"bad image on {channel.image_topic}: {error}", channel)
             return
         if self._worker is not None:
-            self._worker.submit_frame(Frame(image, msg.header, time.monotonic(), next(self._frame_keys),
+            self._worker.submit_frame(Frame(msg, msg.header, time.monotonic(), next(self._frame_keys),
                                             channel.name))
+
+    def _check_frame_size(self, height: int, width: int) -> None:
+        pixels, limit = width * height, self.get_parameter("max_image_pixels").value
+        if pixels > limit:
+            raise InputError(f"{width}x{height} is {pixels} pixels, more than max_image_pixels ({limit})")
+        if width and height:  # zero sizes are refused by the message checks, with their own message
+            check_aspect_ratio(height, width)
 
     def _check_colour_message(self, msg: Image) -> None:
         """InputError unless `msg` converts to an rgb8 frame the node takes; converts nothing."""
-        pixels, limit = int(msg.width) * int(msg.height), self.get_parameter("max_image_pixels").value
-        if pixels > limit:
-            raise InputError(f"{msg.width}x{msg.height} is {pixels} pixels, more than max_image_pixels ({limit})")
-        if msg.width and msg.height:  # zero sizes are refused by check_imgmsg, with their own message
-            check_aspect_ratio(msg.height, msg.width)
+        self._check_frame_size(int(msg.height), int(msg.width))
         if msg.encoding not in COLOUR_ENCODINGS:
             raise InputError(f"encoding {msg.encoding!r} is not a colour or mono8 image "
                              f"(expected one of {', '.join(COLOUR_ENCODINGS)})")
@@ -693,6 +696,8 @@ class PerceptionNode(LifecycleNode):
         channel = self._channels[frame.camera]
         if isinstance(frame.image, Image):
             frame = dataclasses.replace(frame, image=imgmsg_to_cv2(frame.image, "rgb8"))
+        elif isinstance(frame.image, CompressedImage):
+            frame = dataclasses.replace(frame, image=compressed_imgmsg_to_cv2(frame.image, "rgb8"))
         with self._lock:
             inputs = FrameInputs(_stamp_ns(frame.header), tuple(channel.depth_images), channel.camera_info)
             channel.awaiting_depth.append(inputs)

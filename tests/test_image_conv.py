@@ -270,15 +270,33 @@ def encoded(suffix: str, image: np.ndarray) -> bytes:
     ("tiff", encoded(".png", smooth_image()), ["unsupported compressed image format", "'tiff'", "jpeg or png"]),
     ("", encoded(".png", smooth_image()), ["unsupported compressed image format", "''"]),
     ("16UC1; compressedDepth png", encoded(".png", np.zeros((4, 4), np.uint16)), ["compressedDepth"]),
-    ("png", encoded(".png", np.full((4, 4), 1000, np.uint16)), ["uint16", "8-bit"]),
+    ("png", encoded(".png", np.full((4, 4), 1000, np.uint16)), ["16-bit", "8-bit"]),
+    ("jpeg", encoded(".jpg", smooth_image())[:-40], ["corrupt or truncated", "jpeg", "end marker"]),
+    ("png", encoded(".png", smooth_image())[:-8], ["corrupt or truncated", "png", "end marker"]),
 ], ids=["empty", "garbage", "jpeg named png", "truncated jpeg", "truncated png", "unknown format",
-        "no format", "compressed depth", "16-bit png"])
+        "no format", "compressed depth", "16-bit png", "jpeg cut near its end", "png cut in its IEND"])
 def test_bad_compressed_images_are_refused_with_the_problem(format_, data, words):
     with pytest.raises(ImageConversionError) as error:
         compressed_imgmsg_to_cv2(compressed_message(format_, data))
     for word in words:
         assert word in str(error.value)
     assert isinstance(error.value, InputError)
+
+
+@pytest.mark.parametrize("format_", ["jpeg", "png"])
+def test_a_compressed_frames_size_is_read_from_its_header_without_decoding(format_):
+    from lisa_ros.image_conv import check_compressed_imgmsg
+
+    rgb = np.zeros((720, 1280, 3), np.uint8)
+    rgb[100:300, 200:700] = (200, 30, 40)
+    msg = cv2_to_compressed_imgmsg(rgb, format_)
+    assert check_compressed_imgmsg(msg) == (720, 1280)
+    padded = compressed_message(msg.format, bytes(msg.data) + b"\x00" * 7)  # zero padding after the end marker
+    assert check_compressed_imgmsg(padded) == (720, 1280)
+    np.testing.assert_array_equal(compressed_imgmsg_to_cv2(padded), compressed_imgmsg_to_cv2(msg))
+    cut = compressed_message(msg.format, bytes(msg.data)[: len(msg.data) // 2])
+    with pytest.raises(ImageConversionError, match="truncated"):
+        check_compressed_imgmsg(cut)
 
 
 @pytest.mark.parametrize("image, format_, words", [

@@ -85,3 +85,38 @@ def test_corrupt_compressed_data_is_a_named_bad_image_and_the_node_keeps_serving
     assert status is not None and status["counts"]["bad_frames"] >= 1, client.statuses[-1:]
     assert "png" in status["last_error"] or "compressed" in status["last_error"], status["last_error"]
     assert _answer_on(client, cv2_to_compressed_imgmsg(FRAME, "png")).any()
+
+
+def test_damage_inside_a_file_is_the_bad_image_outcome_of_the_query_that_takes_it(client):
+    """Arrival checks only the format, the end marker and the size; the worker decodes the frame it
+    takes, and a file that does not decode is that query's BAD_IMAGE (the node keeps serving)."""
+    from lisa_ros.image_conv import cv2_to_compressed_imgmsg
+
+    damaged = cv2_to_compressed_imgmsg(FRAME, "png")
+    data = bytearray(damaged.data)
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(16)
+    damaged.data = bytes(data)
+    frames = client.frames_received()
+    client.compressed_pub.publish(damaged)
+    assert client.wait_for(lambda: client.frames_received() > frames, 10)
+    result = client.query("the box")
+    assert result.status == Status.BAD_IMAGE, (result.status, result.error)
+    assert "corrupt" in result.error and "png" in result.error, result.error
+    assert _answer_on(client, cv2_to_compressed_imgmsg(FRAME, "png")).any()
+
+
+def test_a_file_whose_header_is_too_large_is_refused_before_it_is_decoded(client):
+    """A png claiming 100000 x 100000 pixels (a decompression bomb) is refused from its header."""
+    import struct
+
+    from sensor_msgs.msg import CompressedImage
+
+    header = struct.pack(">II", 100_000, 100_000) + bytes([8, 2, 0, 0, 0])
+    data = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header + bytes(4)
+            + bytes(4) + b"IEND\xaeB`\x82")
+    bomb = CompressedImage(format="png", data=data)
+    client.compressed_pub.publish(bomb)
+    status = wait_for_status(client, lambda s: "max_image_pixels" in (s["last_error"] or ""), 10,
+                             repeat=lambda: client.compressed_pub.publish(bomb))
+    assert status is not None and "100000x100000" in status["last_error"], client.statuses[-1:]

@@ -4,8 +4,9 @@ default parameters, in Fast DDS's default environment.
     tools/with_env.sh python bench/bench_camera.py [--seconds 15] [--queries 8] [--out bench/results_node.md]
     tools/with_env.sh python bench/bench_camera.py --quick --out /tmp/results.md --json /tmp/numbers.json
 
-A camera process (rgb8 or bgr8 frames: the first demo scene scaled to fit; its 16UC1 depth at the same
-size and CameraInfo; one stamp for the three) publishes 1280x720 and 1920x1080 at 30 Hz, best effort
+A camera process (rgb8 or bgr8 frames, or jpeg ones on `<image_topic>/compressed` as image_transport's
+compressed transport publishes them, the node then set to `image_transport: compressed`: the first
+demo scene scaled to fit; its 16UC1 depth at the same size and CameraInfo; one stamp for the three) publishes 1280x720 and 1920x1080 at 30 Hz, best effort
 (keep last 1) or reliable (keep last 10: rmw_qos_profile_default, what image_transport publishers and
 most drivers use by default). No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS in any process,
 except in the rows whose transports column says `camera: fastdds_large_frames.xml`: that profile
@@ -22,7 +23,9 @@ the run on the query topic and reads the node's /diagnostics. Per row:
   targets of the successful answers, and why the others have none;
 - query latency: the node's own (result.latency_s) and wall (instruction sent to result here);
 - node CPU (user + system of its process while the camera sent), per frame received and as a share
-  of one core (the answers included), next to the bare subscriber's.
+  of one core (the answers included), next to the bare subscriber's;
+- node memory: its resident set when it was ready and the most it reached while the camera sent
+  (sampled every RSS_PERIOD_S; the camera history of CAMERA_HISTORY_DEPTH frames included).
 Each row gets a freshly started node, so that `auto` chooses for that camera. Appends a dated
 section to the results file (--quick: only with --out).
 """
@@ -37,6 +40,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +72,8 @@ SIZES = {"320x240": (240, 320), "1280x720": (720, 1280), "1920x1080": (1080, 192
 # The bare subscriber's history depth; it keeps whatever the
 # transport delivered even when frames come in bursts faster than the executor takes them.
 BARE_DEPTH = 10
+RSS_PERIOD_S = 0.1
+COMPRESSED = "jpeg"  # the encoding name of the compressed rows
 DEPTH_OFFSET = re.compile(r"closest depth image is ([0-9.]+) s from the frame")
 
 
@@ -120,10 +126,10 @@ def camera_main(argv: Sequence[str]) -> None:
     starts sending, then {"sent": {camera: frames}, "seconds": s}."""
     import rclpy
     from rclpy.signals import SignalHandlerOptions
-    from sensor_msgs.msg import CameraInfo, Image
+    from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-    from lisa_ros.image_conv import cv2_to_imgmsg
-    from lisa_ros.parameters import DEFAULT_NAMES
+    from lisa_ros.image_conv import cv2_to_compressed_imgmsg, cv2_to_imgmsg
+    from lisa_ros.parameters import COMPRESSED_SUFFIX, DEFAULT_NAMES
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--cameras", default="", help="comma-separated camera names; '' for the single camera")
@@ -132,9 +138,10 @@ def camera_main(argv: Sequence[str]) -> None:
     parser.add_argument("--rate", type=float, default=CAMERA_RATE_HZ)
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--reliable", action="store_true")
-    parser.add_argument("--encoding", choices=("rgb8", "bgr8"), default="rgb8")
+    parser.add_argument("--encoding", choices=("rgb8", "bgr8", COMPRESSED), default="rgb8")
     parser.add_argument("--report", type=Path, required=True)
     arguments = parser.parse_args(argv)
+    compressed = arguments.encoding == COMPRESSED
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     stop = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
@@ -144,15 +151,21 @@ def camera_main(argv: Sequence[str]) -> None:
     for index, name in enumerate(arguments.cameras.split(",")):
         prefix = f"{name}/" if name else ""
         image, depth, k = demo_view(index, arguments.height, arguments.width)
+        if compressed:
+            frame = cv2_to_compressed_imgmsg(image, COMPRESSED)
+        else:
+            frame = cv2_to_imgmsg(image if arguments.encoding == "rgb8" else image[:, :, ::-1].copy(), arguments.encoding)
+        image_kind, image_topic = ((CompressedImage, f"{prefix}{DEFAULT_NAMES['image_topic']}/{COMPRESSED_SUFFIX}")
+                                   if compressed else (Image, prefix + DEFAULT_NAMES["image_topic"]))
         cameras.append(dict(
-            name=name, sent=0, image=cv2_to_imgmsg(image if arguments.encoding == "rgb8" else image[:, :, ::-1].copy(),
-                                                   arguments.encoding),
+            name=name, sent=0, image=frame,
             depth=cv2_to_imgmsg(depth, "16UC1"),
             info=CameraInfo(width=arguments.width, height=arguments.height, k=k, distortion_model="plumb_bob",
                             d=[0.0] * 5),
             frame_id=f"{name or 'bench'}_camera_optical",
-            publishers=[node.create_publisher(kind, prefix + DEFAULT_NAMES[topic], qos) for kind, topic in
-                        ((Image, "image_topic"), (Image, "depth_topic"), (CameraInfo, "camera_info_topic"))]))
+            publishers=[node.create_publisher(image_kind, image_topic, qos)]
+            + [node.create_publisher(kind, prefix + DEFAULT_NAMES[topic], qos) for kind, topic in
+               ((Image, "depth_topic"), (CameraInfo, "camera_info_topic"))]))
     for camera in cameras:
         for message in (camera["image"], camera["depth"], camera["info"]):
             message.header.frame_id = camera["frame_id"]
@@ -190,13 +203,14 @@ def subscriber_main(argv: Sequence[str]) -> None:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     from rclpy.signals import SignalHandlerOptions
-    from sensor_msgs.msg import CameraInfo, Image
+    from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-    from lisa_ros.parameters import DEFAULT_NAMES
+    from lisa_ros.parameters import COMPRESSED_SUFFIX, DEFAULT_NAMES
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--depth", type=int, required=True)
     parser.add_argument("--reliable", action="store_true")
+    parser.add_argument("--compressed", action="store_true")
     parser.add_argument("--report", type=Path, required=True)
     arguments = parser.parse_args(argv)
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
@@ -206,9 +220,11 @@ def subscriber_main(argv: Sequence[str]) -> None:
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=arguments.depth, reliability=(
         ReliabilityPolicy.RELIABLE if arguments.reliable else ReliabilityPolicy.BEST_EFFORT))
     counts = {"image": 0, "depth": 0, "camera_info": 0}
-    for key, kind in (("image", Image), ("depth", Image), ("camera_info", CameraInfo)):
-        node.create_subscription(kind, DEFAULT_NAMES[f"{key}_topic"],
-                                 lambda _message, key=key: counts.__setitem__(key, counts[key] + 1), qos)
+    image_input = ((CompressedImage, f"{DEFAULT_NAMES['image_topic']}/{COMPRESSED_SUFFIX}") if arguments.compressed
+                   else (Image, DEFAULT_NAMES["image_topic"]))
+    for key, (kind, topic) in (("image", image_input), ("depth", (Image, DEFAULT_NAMES["depth_topic"])),
+                               ("camera_info", (CameraInfo, DEFAULT_NAMES["camera_info_topic"]))):
+        node.create_subscription(kind, topic, lambda _message, key=key: counts.__setitem__(key, counts[key] + 1), qos)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     while not stop:
@@ -295,6 +311,34 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+class PeakMemory:
+    """The most resident memory (MB) process `pid` reaches while the block runs, sampled every RSS_PERIOD_S."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.start_mb = self.peak_mb = self._rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _rss_mb(self) -> float:
+        return self.process.memory_info().rss / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(RSS_PERIOD_S):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+
 def wait_for_new_statuses(client, count: int, timeout_s: float) -> None:
     """Waits until `count` more diagnostics reports have arrived (each carries the node's counts then)."""
     with client.lock:
@@ -339,7 +383,8 @@ def measure_bare(run: CameraRun, depth: int, work: Path, domain_id: int, seconds
     env = transport_env(child_env(domain_id, work / "ros_log"), run.transports)
     counts_path, report = work / "counts.json", work / "camera.jsonl"
     subscriber = start_python(SUBSCRIBER_CODE, env, work / "subscriber.log", args=(
-        "--depth", str(depth), "--report", str(counts_path), *(["--reliable"] if run.reliable else [])))
+        "--depth", str(depth), "--report", str(counts_path), *(["--reliable"] if run.reliable else []),
+        *(["--compressed"] if run.encoding == COMPRESSED else [])))
     camera: Optional[ChildProcess] = None
     try:
         camera = start_camera(camera_env(env, run.transports), report, work / "camera.log", height, width, seconds,
@@ -372,7 +417,8 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
     env = transport_env(child_env(domain_id, work / "ros_log"), run.transports)
     node_started = time.monotonic()
     node = start_node({"model_path": str(model_dir), "max_new_tokens": MAX_NEW_TOKENS, "max_image_age": 1.0,
-                       "cpu_threads": CPU_THREADS}, work, env)
+                       "cpu_threads": CPU_THREADS}
+                      | ({"image_transport": "compressed"} if run.encoding == COMPRESSED else {}), work, env)
     camera: Optional[ChildProcess] = None
     context = Context()
     with environment({key: env[key] for key in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR")}
@@ -391,15 +437,16 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
         started, cpu_before = time.monotonic(), cpu_seconds(node.pid)
         results, walls, missing = [], [], 0
         instruction = demo_scene(0).instruction
-        for index in range(queries):
-            time.sleep(max(0.0, started + (index + 0.5) * seconds / queries - time.monotonic()))
-            sent = time.monotonic()
-            try:
-                results.append(client.query(instruction, QUERY_TIMEOUT_S))
-                walls.append(time.monotonic() - sent)
-            except TimeoutError:
-                missing += 1
-        camera.process.wait(seconds + 60)
+        with PeakMemory(node.pid) as memory:
+            for index in range(queries):
+                time.sleep(max(0.0, started + (index + 0.5) * seconds / queries - time.monotonic()))
+                sent = time.monotonic()
+                try:
+                    results.append(client.query(instruction, QUERY_TIMEOUT_S))
+                    walls.append(time.monotonic() - sent)
+                except TimeoutError:
+                    missing += 1
+            camera.process.wait(seconds + 60)
         cpu = cpu_seconds(node.pid) - cpu_before
         window = time.monotonic() - started
         wait_for_new_statuses(client, 2, 10.0)
@@ -423,7 +470,8 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
                 targets=len(targets), points_3d=sum(1 for t in targets if t.centroid_3d_valid),
                 depth_errors=[t.depth_error for t in targets if not t.centroid_3d_valid],
                 latency_node=[r.latency_s for r in successes], latency_wall=walls,
-                node_cpu_s=cpu, window_s=window, node_ready_s=node_ready_s, node_exit=node_exit)
+                node_cpu_s=cpu, window_s=window, node_ready_s=node_ready_s, node_exit=node_exit,
+                node_rss_start_mb=memory.start_mb, node_rss_peak_mb=memory.peak_mb)
 
 
 def missing_3d(errors: list[str]) -> str:
@@ -448,7 +496,7 @@ def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) 
         f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: the camera path, default environment "
         "(bench/bench_camera.py)\n",
         f"Machine: {machine}.",
-        f"Camera in its own process: rgb8 or bgr8 (a demo scene) + 16UC1 depth + CameraInfo (one stamp) at "
+        f"Camera in its own process: rgb8, bgr8 or {COMPRESSED} on the compressed topic (a demo scene) + 16UC1 depth + CameraInfo (one stamp) at "
         f"{CAMERA_RATE_HZ:.0f} Hz, {seconds:.0f} s per row; best effort keep last 1, or reliable keep last "
         f"{RELIABLE_CAMERA_DEPTH} (rmw_qos_profile_default, image_transport's default). Node: a fresh process "
         "per row, default parameters (image_reliability auto, max_image_age 1.0) except the tests' tiny "
@@ -463,8 +511,8 @@ def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) 
         "| frames | camera QoS | transports | node subscribed (auto) | sent (Hz) | received by the node | "
         + " | ".join(f"bare subscriber, keep last {depth}" for depth in depths)
         + " | node CPU per frame received | node CPU (% of a core) | bare keep last "
-        f"{depths[0]}: CPU per frame |",
-        "|---|---|---|---|---|---|" + "---|" * len(depths) + "---|---|---|",
+        f"{depths[0]}: CPU per frame | node memory MB (ready, peak) |",
+        "|---|---|---|---|---|---|" + "---|" * len(depths) + "---|---|---|---|",
     ]
     for row in rows:
         reliability = sorted({part.split(": ")[-1] for part in row["reliability"].split(", ") if part})
@@ -475,7 +523,8 @@ def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) 
             f"| {row['label']} | {', '.join(reliability) or 'n/a'} | {row['sent']} ({row['sent_hz']:.1f}) | "
             f"{_share(row['received'], row['sent'])} | "
             + " | ".join(_share(bare["received"], bare["sent"]) for bare in row["bare"])
-            + f" | {per_frame} | {100 * row['node_cpu_s'] / row['window_s']:.0f} | {bare_per_frame} |")
+            + f" | {per_frame} | {100 * row['node_cpu_s'] / row['window_s']:.0f} | {bare_per_frame} | "
+            f"{row['node_rss_start_mb']:.0f}, {row['node_rss_peak_mb']:.0f} |")
     lines += [
         "",
         "### Queries (latency in ms, median / p95: `node` = result.latency_s, `wall` = instruction sent to "
@@ -503,11 +552,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     arguments = parser.parse_args(argv)
     if arguments.quick:
         seconds, queries = 3.0, 2
-        runs = [CameraRun("320x240", False, ""), CameraRun("320x240", True, "")]
+        runs = [CameraRun("320x240", False, ""), CameraRun("320x240", True, "", COMPRESSED)]
     else:
         seconds, queries = arguments.seconds, arguments.queries
         runs = [CameraRun(size, reliable, "") for size in ("1280x720", "1920x1080") for reliable in (False, True)]
         runs += [CameraRun("1920x1080", True, "", "bgr8")]
+        runs += [CameraRun(size, True, "", COMPRESSED) for size in ("1280x720", "1920x1080")]
         runs += [CameraRun(size, False, CAMERA_PROFILE) for size in ("1280x720", "1920x1080")]
         runs += [CameraRun("1920x1080", True, CAMERA_PROFILE)]
     out = arguments.out or (None if arguments.quick else ROOT / "bench" / "results_node.md")

@@ -37,7 +37,8 @@ def cameras_run(tmp_path_factory):
 
 def test_camera_benchmark_counts_frames_answers_and_3d_points(camera_run):
     numbers, appended = camera_run
-    assert [(row["run"]["reliable"], row["run"]["transports"]) for row in numbers["rows"]] == [(False, ""), (True, "")]
+    assert [(row["run"]["reliable"], row["run"]["transports"], row["run"]["encoding"]) for row in numbers["rows"]] == [
+        (False, "", "rgb8"), (True, "", "jpeg")]  # the second: jpeg on the compressed topic, the node set to it
     for row in numbers["rows"]:
         assert 0 < row["received"] <= row["sent"], row
         assert row["received_share"] == pytest.approx(row["received"] / row["sent"])
@@ -52,6 +53,7 @@ def test_camera_benchmark_counts_frames_answers_and_3d_points(camera_run):
         assert row["targets"] >= row["ok"] and 0 <= row["points_3d"] <= row["targets"]
         assert row["node_cpu_s"] > 0 and row["window_s"] > 0.9 * numbers["seconds"]
         assert row["node_exit"] == 0
+        assert 100 < row["node_rss_start_mb"] <= row["node_rss_peak_mb"] < 8000, row
         # The same camera to a bare rclpy subscriber: what the transport delivered.
         bare, = row["bare"]
         assert bare["depth"] == 10 and 0 < bare["received"] <= bare["sent"] and bare["cpu_s"] > 0, bare

@@ -143,6 +143,9 @@ PARAMETERS = (
                   "are left out; 0 keeps all.", limits=(0.0, 1.0)),
     ParameterSpec("depth_max_offset", 0.05, "Seconds between a frame's stamp and the stamp of the depth "
                   "image used with it, at most.", limits=(0.0, 10.0)),
+    ParameterSpec("depth_wait", 0.2, "Seconds an answer waits for its frame's depth image when none within "
+                  "depth_max_offset has arrived yet and the depth stream has not passed the frame (the image "
+                  "may still be in transit); 0 publishes at once.", limits=(0.0, 5.0)),
     ParameterSpec("max_cloud_points", 5000, "Points in each answer's target cloud, at most (uniformly "
                   "down-sampled).", limits=(1, 10_000_000)),
     ParameterSpec("conversation_max_turns", 8, "Earlier turns of a conversation kept in its prompt; the "

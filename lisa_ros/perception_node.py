@@ -26,7 +26,8 @@ QoS, on purpose:
   with it (an answer may take seconds, longer than the buffer lasts), and until it is answered each
   depth image that arrives is offered to it too (a frame's own depth image may arrive after the frame
   is taken, and be pushed out of the buffer before the answer comes); the answer uses the closest in
-  stamp of those and of the ones buffered when it is published. Reliability
+  stamp of those and of the ones buffered when it is published, and when none is close enough it waits
+  up to `depth_wait` for the frame's own (a quick answer can beat its depth image). Reliability
   `auto` (default) matches the publisher found on each topic: reliable publishers get a reliable
   subscription, so a large frame's lost fragments are sent again instead of the frame being lost;
   best-effort publishers get best effort. Until a publisher appears the subscription waits.
@@ -176,6 +177,7 @@ class PerceptionNode(LifecycleNode):
         self._frame_keys = itertools.count(1)
         self._query_numbers = itertools.count(1)
         self._lock = threading.Lock()
+        self._depth_arrived = threading.Condition(self._lock)
         self._waiting: dict[int, Future] = {}  # id(query) -> its service call's or goal's outcome
         self._last_event_report = 0.0
         self._closing = False
@@ -509,6 +511,7 @@ class PerceptionNode(LifecycleNode):
             channel.depth_images.append(item)
             for inputs in channel.awaiting_depth:
                 inputs.offer(item)
+            self._depth_arrived.notify_all()
 
     def _on_camera_info(self, channel: CameraChannel, msg: CameraInfo) -> None:
         channel.camera_info = msg
@@ -706,15 +709,27 @@ class PerceptionNode(LifecycleNode):
     def _depth_for(self, channel: CameraChannel, frame: Frame):
         """(DepthView or None, why not, the camera info) for an answer on `frame`: the depth image closest
         in stamp among those buffered when the worker took the frame, the closest of those that came
-        after, and those buffered now."""
+        after, and those buffered now; if none is within depth_max_offset, waits up to depth_wait for
+        one while the depth stream has not passed the frame."""
         taken: FrameInputs = frame.paired
+        max_offset_ns = self.get_parameter("depth_max_offset").value * 1e9
+        deadline = time.monotonic() + self.get_parameter("depth_wait").value
         with self._lock:
+            while True:
+                later = [taken.closest_later] if taken.closest_later is not None else []
+                depth_images = [*taken.depth_images, *later, *channel.depth_images]
+                if any(abs(stamp - taken.stamp_ns) <= max_offset_ns for stamp, _, _ in depth_images):
+                    break
+                # Wait only while the stream flows and has not passed the frame: its depth may be in transit.
+                passed = bool(depth_images) and max(stamp for stamp, _, _ in depth_images) > taken.stamp_ns + max_offset_ns
+                remaining = deadline - time.monotonic()
+                if not channel.depth_images or passed or remaining <= 0:
+                    break
+                self._depth_arrived.wait(remaining)
             if taken in channel.awaiting_depth:
                 channel.awaiting_depth.remove(taken)
-            later = [taken.closest_later] if taken.closest_later is not None else []
-            depth_images = [*taken.depth_images, *later, *channel.depth_images]
         info = taken.camera_info or channel.camera_info
-        depth, reason = pair_depth(depth_images, _stamp_ns(frame.header), tuple(frame.image.shape[:2]),
+        depth, reason = pair_depth(depth_images, taken.stamp_ns, tuple(frame.image.shape[:2]),
                                    self.get_parameter("depth_max_offset").value, info.k if info is not None else None)
         return depth, reason, info
 

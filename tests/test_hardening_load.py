@@ -171,8 +171,10 @@ def test_a_burst_of_100_instructions_gets_exactly_one_outcome_each(client, camer
     assert all(o.status == Status.QUEUE_FULL and o.error.startswith("dropped: queue full")
                and f"query {o.query_id}" in o.error and f"policy {policy}" in o.error for o in dropped), \
         {(o.status, o.error) for o in dropped}
-    # One in the model, QUEUE_SIZE waiting, and what the model finished while the burst arrived.
-    assert QUEUE_SIZE <= len(answered) <= QUEUE_SIZE + 1 + int(sent_in / 0.3) + 1, len(answered)
+    # One in the model, QUEUE_SIZE waiting, and what the model finished while the burst arrived: at most
+    # one per answer time (the quickest outcome's latency: it waited for nothing), whatever the machine.
+    answer_s = min(o.latency_s for o in answered)
+    assert QUEUE_SIZE <= len(answered) <= QUEUE_SIZE + 1 + int(sent_in / answer_s) + 1, (len(answered), answer_s)
     assert all(len(o.targets) == 1 and o.answer == "Sure, [SEG]." for o in answered), \
         [(o.answer, len(o.targets)) for o in answered]
     if policy == "drop_oldest":  # the newest instructions are the ones answered

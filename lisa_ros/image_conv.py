@@ -136,8 +136,7 @@ def compressed_imgmsg_to_cv2(msg: CompressedImage, desired_encoding: str = "rgb8
     `format` names the compression ("jpeg", "png", "rgb8; jpeg compressed bgr8", ...); the data must be
     a whole file of that kind. 16-bit files (compressedDepth) are refused.
     """
-    check_compressed_imgmsg(msg)
-    compression, data = _compression(str(msg.format)), byte_array(msg.data)
+    compression, data, _ = _checked_file(msg)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageConversionError(f"compressed image data ({data.size} bytes) is a corrupt or truncated "
@@ -158,6 +157,11 @@ def check_compressed_imgmsg(msg: CompressedImage) -> tuple[int, int]:
     """(height, width) of the jpeg or png in `msg`, read from its header after the checks that need no
     decoding (format, data, the file's magic bytes and end marker, a png's bit depth): a truncated file
     or a 16-bit png is refused here; damage inside the file shows only when it is decoded."""
+    return _checked_file(msg)[2]
+
+
+def _checked_file(msg: CompressedImage) -> tuple[str, np.ndarray, tuple[int, int]]:
+    """(compression, the data as a uint8 array, (height, width)) after check_compressed_imgmsg's checks."""
     compression = _compression(str(msg.format))
     data = byte_array(msg.data)
     if data.size == 0:
@@ -171,7 +175,7 @@ def check_compressed_imgmsg(msg: CompressedImage) -> tuple[int, int]:
         raise ImageConversionError(f"compressed image data ({data.size} bytes) is a corrupt or truncated "
                                    f"{compression} file (no {'header' if size is None else 'end marker'} "
                                    "where the format puts it)")
-    return size
+    return compression, data, size
 
 
 def _png_size(data: np.ndarray) -> Optional[tuple[int, int]]:

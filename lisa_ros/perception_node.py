@@ -22,8 +22,9 @@ QoS, on purpose:
   frames, keep last 10 4 %, 30 under 1 % (bench/results_node.md). The image callback only checks a
   frame's fields and hands the message over; the worker converts the newest when it takes it, so a
   backlog costs little and the newest frame still wins (a compressed frame's format, end marker and
-  size are checked on arrival; damage inside the file shows when the worker decodes it: BAD_IMAGE). When the worker takes a frame, the depth images buffered then go
-  with it (an answer may take seconds, longer than the buffer lasts), and until it is answered each
+  size are checked on arrival; damage inside the file shows when the worker decodes it: BAD_IMAGE).
+  When the worker takes a frame, the depth images buffered then go with it (an answer may take
+  seconds, longer than the buffer lasts), and until it is answered each
   depth image that arrives is offered to it too (a frame's own depth image may arrive after the frame
   is taken, and be pushed out of the buffer before the answer comes); the answer uses the closest in
   stamp of those and of the ones buffered when it is published, and when none is close enough it waits

@@ -108,12 +108,13 @@ TEMPLATE_WORD = re.compile(r"([A-Za-z]+)([,.?]?)")
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 
 
-def _words(texts) -> set[str]:
+def words(texts) -> set[str]:
+    """The lowercase words of `texts`, template slots ({np}, ...) left out."""
     return {word.lower() for text in texts for word in re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", text))}
 
 
 def _phrasing_words(name: str) -> set[str]:
-    return _words(t for forms in TEMPLATES[name].values() for t in forms) | _words(
+    return words(t for forms in TEMPLATES[name].values() for t in forms) | words(
         word for pair in NOUNS[name].items() for word in pair)
 
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -631,7 +630,7 @@ def is_well_formed(answer: str, masks: int) -> bool:
 @functools.lru_cache(maxsize=1)
 def vocabulary() -> frozenset[str]:
     """Every word of `corpus()`, lowercase: what a made-up word must never be."""
-    return frozenset(word.lower() for sentence in corpus() for word in re.findall(r"[A-Za-z]+", sentence))
+    return frozenset(phrasing.words(corpus()))
 
 
 def corpus() -> list[str]:

@@ -167,6 +167,7 @@ class PerceptionNode(LifecycleNode):
     def __init__(self, abort: Optional[threading.Event] = None, **node_kwargs):
         """`abort`, when set, makes a configure that is loading the model give up (the process is ending)."""
         super().__init__(NODE_NAME, **node_kwargs)
+        self._service_change_state.callback = self._refusing_unavailable_transitions(self._service_change_state.callback)
         self._abort = abort or threading.Event()
         self._worker: Optional[InferenceWorker] = None
         self._model: Optional[ModelSource] = None
@@ -195,6 +196,21 @@ class PerceptionNode(LifecycleNode):
         self.create_timer(10.0, self._conversations.expire)
 
     # ---- lifecycle transitions ---------------------------------------------------------------------
+    def _refusing_unavailable_transitions(self, change_state):
+        """rclpy raises inside the node for a transition id the current state does not have, and the
+        caller never gets an answer; answer success false instead, as rclcpp nodes do."""
+
+        def answer(request, response):
+            available = {description[0] for description in self._state_machine.available_transitions}
+            if not request.transition.label and request.transition.id not in available:
+                self.get_logger().warning(
+                    f"transition {request.transition.id} refused: not available in state {self.lifecycle_state}")
+                response.success = False
+                return response
+            return change_state(request, response)
+
+        return answer
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         p = self._parameter_values()
         self._configured_values = p

@@ -71,6 +71,14 @@ def test_unconfigured_node_answers_model_not_loaded(client, camera):
     assert result.status == Status.MODEL_NOT_LOADED and "unconfigured" in result.error, result.error
 
 
+def test_a_transition_the_state_does_not_have_is_answered_false(client, node):
+    for transition in ("activate", "deactivate", "cleanup"):  # none leaves the unconfigured state
+        assert client.change_state(transition, timeout_s=10) is False
+    assert client.lifecycle_state() == "unconfigured"
+    assert "refused: not available in state unconfigured" in node["log"].read_text()
+    assert client.query("Where is the red box?").status == Status.MODEL_NOT_LOADED
+
+
 def test_lifecycle_round_trip_answers_only_while_active_and_cleanup_frees_the_model(client, node, camera, ros):
     figures = {"before configure": _memory_settled(node)}
     assert client.change_state("configure")

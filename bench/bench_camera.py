@@ -3,6 +3,7 @@ default parameters, in Fast DDS's default environment.
 
     tools/with_env.sh python bench/bench_camera.py [--seconds 15] [--queries 8] [--out bench/results_node.md]
     tools/with_env.sh python bench/bench_camera.py --quick --out /tmp/results.md --json /tmp/numbers.json
+    tools/with_env.sh python bench/bench_camera.py --rows "rgb8 | reliable" --queries 24   (some rows only)
 
 A camera process (rgb8 or bgr8 frames, or jpeg ones on `<image_topic>/compressed` as image_transport's
 compressed transport publishes them, the node then set to `image_transport: compressed`: the first
@@ -11,7 +12,8 @@ demo scene scaled to fit; its 16UC1 depth at the same size and CameraInfo; one s
 most drivers use by default). No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS in any process,
 except in the rows whose transports column says `camera: fastdds_large_frames.xml`: that profile
 (a 32 MB shared-memory segment) in the camera's process only, the node and the client on defaults, as
-README asks of camera drivers. The node runs as its own
+README asks of camera drivers; or `node: fastdds_large_frames.xml`: the profile in the node's process
+only, which publishes the large messages of the answers (a frame-size mask per target). The node runs as its own
 process, default parameters (image_reliability auto, max_image_age 1.0) except the model (the tests'
 tiny model that always segments, max_new_tokens 2: two targets per answer) and cpu_threads 1 (on a
 shared machine torch's default of every core is slower). A client here asks instructions spread over
@@ -57,8 +59,10 @@ RELIABLE_CAMERA_DEPTH = 10  # rmw_qos_profile_default, image_transport's default
 # Environment variables that choose Fast DDS transports: the default environment has none of them.
 TRANSPORT_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE",
                        "FASTDDS_BUILTIN_TRANSPORTS")
-# The large-frames profile in the camera's process only (a transports value).
+# The large-frames profile in one process only (transports values): "<process>: <profile file>".
 CAMERA_PROFILE = "camera: fastdds_large_frames.xml"
+NODE_PROFILE = "node: fastdds_large_frames.xml"
+PROFILE_TRANSPORTS = (CAMERA_PROFILE, NODE_PROFILE)
 MAX_NEW_TOKENS = 2
 CPU_THREADS = 1  # as the other node benchmarks: torch's default (every core) is slower on a shared machine
 QUERY_TIMEOUT_S = 30.0
@@ -260,19 +264,20 @@ def environment(updates: dict, removals: Sequence[str] = ()) -> Iterator[None]:
 
 def transport_env(env: dict, transports: str) -> dict:
     """`env` without any Fast DDS transport choice, plus FASTDDS_BUILTIN_TRANSPORTS when `transports`
-    names one ("" and CAMERA_PROFILE keep the default)."""
+    names one ("" and the PROFILE_TRANSPORTS keep the default)."""
     env = {key: value for key, value in env.items() if key not in TRANSPORT_VARIABLES}
-    if transports and transports != CAMERA_PROFILE:
+    if transports and transports not in PROFILE_TRANSPORTS:
         env["FASTDDS_BUILTIN_TRANSPORTS"] = transports
     return env
 
 
-def camera_env(env: dict, transports: str) -> dict:
-    """The camera process's environment: `env`, with the large-frames profile for CAMERA_PROFILE."""
-    from lisa_ros.process import use_large_frames_profile
+def process_env(env: dict, transports: str, process: str) -> dict:
+    """The environment of `process` ("camera" or "node"): `env`, with the large-frames profile when
+    `transports` puts it in that process."""
+    from lisa_ros.process import LARGE_FRAMES_PROFILE, use_large_frames_profile
 
     env = dict(env)
-    if transports == CAMERA_PROFILE:
+    if transports == f"{process}: {LARGE_FRAMES_PROFILE}":
         use_large_frames_profile(env)
     return env
 
@@ -367,7 +372,7 @@ def format_statuses(counts: dict) -> str:
 class CameraRun:
     size: str
     reliable: bool
-    transports: str  # "" (default), CAMERA_PROFILE or a FASTDDS_BUILTIN_TRANSPORTS value
+    transports: str  # "" (default), one of PROFILE_TRANSPORTS or a FASTDDS_BUILTIN_TRANSPORTS value
     encoding: str = "rgb8"
 
     @property
@@ -387,8 +392,8 @@ def measure_bare(run: CameraRun, depth: int, work: Path, domain_id: int, seconds
         *(["--compressed"] if run.encoding == COMPRESSED else [])))
     camera: Optional[ChildProcess] = None
     try:
-        camera = start_camera(camera_env(env, run.transports), report, work / "camera.log", height, width, seconds,
-                              run.reliable, encoding=run.encoding)
+        camera = start_camera(process_env(env, run.transports, "camera"), report, work / "camera.log", height, width,
+                              seconds, run.reliable, encoding=run.encoding)
         wait_started(camera, report, CAMERA_MATCH_TIMEOUT_S + 30)
         cpu_before = cpu_seconds(subscriber.pid)
         camera.process.wait(seconds + 60)
@@ -418,7 +423,8 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
     node_started = time.monotonic()
     node = start_node({"model_path": str(model_dir), "max_new_tokens": MAX_NEW_TOKENS, "max_image_age": 1.0,
                        "cpu_threads": CPU_THREADS}
-                      | ({"image_transport": "compressed"} if run.encoding == COMPRESSED else {}), work, env)
+                      | ({"image_transport": "compressed"} if run.encoding == COMPRESSED else {}), work,
+                      process_env(env, run.transports, "node"))
     camera: Optional[ChildProcess] = None
     context = Context()
     with environment({key: env[key] for key in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR")}
@@ -431,8 +437,8 @@ def measure(run: CameraRun, model_dir: Path, work: Path, domain_id: int, seconds
         node_ready_s = time.monotonic() - node_started
         frames_before = client.frames_received()
         report = work / "camera.jsonl"
-        camera = start_camera(camera_env(env, run.transports), report, work / "camera.log", height, width, seconds,
-                              run.reliable, encoding=run.encoding)
+        camera = start_camera(process_env(env, run.transports, "camera"), report, work / "camera.log", height, width,
+                              seconds, run.reliable, encoding=run.encoding)
         wait_started(camera, report, CAMERA_MATCH_TIMEOUT_S + 30)
         started, cpu_before = time.monotonic(), cpu_seconds(node.pid)
         results, walls, missing = [], [], 0
@@ -502,8 +508,8 @@ def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) 
         "per row, default parameters (image_reliability auto, max_image_age 1.0) except the tests' tiny "
         f"segmenting model with max_new_tokens {MAX_NEW_TOKENS} and cpu_threads {CPU_THREADS}; {queries} "
         "instructions spread over each row. No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS, except "
-        f"where the transports column says `{CAMERA_PROFILE}` (the 32 MB shared-memory profile in the "
-        "camera's process only) or names a FASTDDS_BUILTIN_TRANSPORTS value (set in every process). Bare rclpy "
+        f"where the transports column says `{CAMERA_PROFILE}` or `{NODE_PROFILE}` (the 32 MB shared-memory "
+        "profile in that process only; the client always on defaults) or names a FASTDDS_BUILTIN_TRANSPORTS value (set in every process). Bare rclpy "
         "subscriber: the same camera again, to a process that only counts image, depth and camera info "
         "callbacks (same reliability, SingleThreadedExecutor like the node), keeping "
         + " or ".join(f"the last {depth}" for depth in depths) + "; each its own run of the camera.\n",
@@ -549,6 +555,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--out", type=Path, help="results file to append to (default bench/results_node.md; "
                         "--quick: none)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--rows", default="", help="only the rows whose label (frames | camera QoS | transports) "
+                        "contains this, e.g. 'rgb8 | reliable'")
     arguments = parser.parse_args(argv)
     if arguments.quick:
         seconds, queries = 3.0, 2
@@ -560,6 +568,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runs += [CameraRun(size, True, "", COMPRESSED) for size in ("1280x720", "1920x1080")]
         runs += [CameraRun(size, False, CAMERA_PROFILE) for size in ("1280x720", "1920x1080")]
         runs += [CameraRun("1920x1080", True, CAMERA_PROFILE)]
+        runs += [CameraRun(size, True, NODE_PROFILE) for size in ("1280x720", "1920x1080")]
+    if arguments.rows:
+        runs = [run for run in runs if arguments.rows in run.label]
+        if not runs:
+            parser.error(f"no row's label contains {arguments.rows!r}")
     out = arguments.out or (None if arguments.quick else ROOT / "bench" / "results_node.md")
     from bench_node import versions
     from node_support import write_segmenting_model

@@ -78,3 +78,19 @@ def test_cameras_benchmark_measures_one_node_and_three(cameras_run):
     # Three processes each hold a model and its libraries: more memory than one.
     assert three["rss"] > one["rss"]
     assert appended.count("| one node, 3 cameras |") == 2 and appended.count("| 3 nodes, 1 camera each |") == 1
+
+
+def test_a_profile_row_sets_the_profile_in_its_process_only():
+    sys.path.insert(0, str(BENCH_DIR))
+    import bench_camera
+
+    from lisa_ros.process import PROFILE_VARIABLES
+
+    env = {"FASTDDS_BUILTIN_TRANSPORTS": "LARGE_DATA", "ROS_DOMAIN_ID": "7"}
+    base = bench_camera.transport_env(env, bench_camera.NODE_PROFILE)
+    assert base == {"ROS_DOMAIN_ID": "7"}
+    node = bench_camera.process_env(base, bench_camera.NODE_PROFILE, "node")
+    assert all(node[name].endswith("fastdds_large_frames.xml") for name in PROFILE_VARIABLES)
+    assert bench_camera.process_env(base, bench_camera.NODE_PROFILE, "camera") == base
+    assert bench_camera.process_env(base, bench_camera.CAMERA_PROFILE, "camera") == node
+    assert bench_camera.transport_env(env, "UDPv4")["FASTDDS_BUILTIN_TRANSPORTS"] == "UDPv4"

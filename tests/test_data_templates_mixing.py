@@ -131,51 +131,6 @@ def test_mixture_refuses_bad_configurations():
         MixtureDataset({"a": SyntheticReasonSeg("val", size=0)}, {"a": 1}, length=3)
 
 
-
-def test_a_curriculum_window_limits_a_source_to_its_stream_positions():
-    sources = {"easy": SyntheticReasonSeg("train", size=50), "hard": SyntheticReasonSeg("val", size=50)}
-    ratios = {"easy": 1, "hard": 3}
-    plain = MixtureDataset(sources, ratios, length=100, seed=3)
-    curriculum = MixtureDataset(sources, ratios, length=100, seed=3, windows={"hard": [60, None]})
-    assert {curriculum[i].meta["split"] for i in range(60)} == {"train"}
-    later = collections.Counter(curriculum[i].meta["split"] for i in range(60, 100))
-    curriculum.set_epoch(1)  # positions 100-199: the window is open, so both draw at 1:3
-    later.update(curriculum[i].meta["split"] for i in range(100))
-    assert later["val"] / 140 == pytest.approx(0.75, abs=0.1)
-    # where every source draws, the draws are those of the mixture without windows
-    plain.set_epoch(1)
-    for i in (0, 33, 99):
-        assert curriculum[i].conversations == plain[i].conversations
-    handover = MixtureDataset(sources, ratios, length=100, windows={"easy": [0, 30], "hard": [30, None]})
-    assert handover.probabilities_at(29).tolist() == [1.0, 0.0]
-    assert handover.probabilities_at(130).tolist() == [0.0, 1.0]
-    with pytest.raises(ConfigurationError, match="no source draws at stream position 60"):
-        MixtureDataset(sources, ratios, length=100, windows={"easy": [0, 60], "hard": [61, None]})
-    with pytest.raises(ConfigurationError, match="no source draws at stream position 60"):
-        MixtureDataset(sources, ratios, length=100, windows={"easy": [0, 30], "hard": [30, 60]})
-    with pytest.raises(ConfigurationError, match="no source draws at stream position 0"):
-        MixtureDataset(sources, ratios, length=100, windows={"easy": [10, None], "hard": [10, None]})
-    with pytest.raises(ConfigurationError, match="must be \\[start, end\\)"):
-        MixtureDataset(sources, ratios, length=100, windows={"hard": [50, 40]})
-    with pytest.raises(ConfigurationError, match="do not exist: \\['medium'\\]"):
-        MixtureDataset(sources, ratios, length=100, windows={"medium": [0, None]})
-
-
-def test_steps_in_config_entries_become_stream_windows():
-    entries = [
-        {"type": "synthetic", "name": "square", "split": "train", "size": 20},
-        {"type": "synthetic", "name": "wide", "split": "train", "size": 20, "aspect_ratios": ["16:9"],
-         "steps": [3, None], "ratio": 3},
-    ]
-    mixture = build_mixture(entries, length=200, samples_per_step=8)
-    assert mixture.windows == {"wide": (24, None)}
-    assert {mixture[i].image.shape[:2] for i in range(24)} == {(128, 128)}
-    assert any(mixture[i].image.shape[1] > mixture[i].image.shape[0] for i in range(24, 60))
-    with pytest.raises(ConfigurationError, match="give build_mixture samples_per_step"):
-        build_mixture(entries, length=200)
-    with pytest.raises(ConfigurationError, match="must be \\[first, end\\]"):
-        build_mixture([{**entries[1], "steps": 3}], length=200, samples_per_step=8)
-
 def test_build_mixture_from_config_entries(tmp_path):
     root = tmp_path / "ReasonSeg"
     (root / "train").mkdir(parents=True)

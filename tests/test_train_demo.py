@@ -12,7 +12,7 @@ from lisa_core.pipeline import LisaPipeline
 from training.config import load_config
 from training.data import SyntheticReasonSeg, build_mixture
 from training.data.synthetic import ABSENT_ANSWER
-from training.demo import DEFAULT_PROCESSES, EVALUATION_SETS
+from training.demo import EVALUATION_SETS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "training" / "configs" / "demo.yaml"
@@ -22,8 +22,7 @@ def test_demo_config_trains_on_explained_answers():
     config = load_config(DEMO_CONFIG)
     assert config.finetune == "full" and config.tiny_model is not None
     assert config.tiny_model["config"]["clip_framing"] == "pad" and config.iou_weight > 0
-    samples_per_step = config.batch_size * DEFAULT_PROCESSES
-    dataset = build_mixture(config.datasets, config.epoch_samples, config.seed, samples_per_step)
+    dataset = build_mixture(config.datasets, config.epoch_samples, config.seed)
     answers = [answer for index in range(20) for conversation in dataset[index].conversations
                for _, answer in conversation]
     for answer in answers:

@@ -136,15 +136,6 @@ def test_resume_gives_identical_next_steps(tmp_path):
     assert state == {"step": 4, "micro_batches": 8}
 
 
-
-def test_a_curriculum_in_steps_is_read_in_stream_positions(tmp_path):
-    square = {"type": "synthetic", "name": "square", "split": "train", "size": 20}
-    wide = {**square, "name": "wide", "aspect_ratios": ["16:9"], "steps": [2, None]}
-    trainer = Trainer(_config(tmp_path, "curriculum", datasets=[square, wide], max_steps=1))
-    # one optimizer step reads batch_size 1 x grad_accumulation 2 x 1 process = 2 positions
-    assert trainer.stream.mixture.windows == {"wide": (4, None)}
-    assert {trainer.stream[position].image.shape for position in range(4)} == {(128, 128, 3)}
-
 def test_missing_data_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigurationError, match="datasets"):
         Trainer(_config(tmp_path, "none", datasets=[], max_steps=1))

@@ -247,11 +247,10 @@ class Trainer:
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.scheduler, self.state)
         self.collator = LisaCollator(self.tokenizer, model.config, config.max_length)
-        self.samples_per_step = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
         if dataset is None:
             if not config.datasets:
                 raise ConfigurationError("no training data: add entries to `datasets` (see training.data)")
-            dataset = build_mixture(config.datasets, config.epoch_samples, config.seed, self.samples_per_step)
+            dataset = build_mixture(config.datasets, config.epoch_samples, config.seed)
         self.stream = SampleStream(dataset)
 
     def log(self, message: str) -> None:
@@ -341,11 +340,12 @@ class Trainer:
             if self.state.step % config.log_every == 0 or self.state.step == config.max_steps:
                 averaged = self.accelerator.reduce(torch.stack([totals[k] for k in LOSS_KEYS]), reduction="mean")
                 last = {key: float(value) / config.grad_accumulation for key, value in zip(LOSS_KEYS, averaged)}
+                samples = config.batch_size * config.grad_accumulation * self.accelerator.num_processes
                 row = {
                     "step": self.state.step,
                     "lr": self.scheduler.get_last_lr()[0],
                     **last,
-                    "samples_per_s": self.samples_per_step / max(time.time() - step_started, 1e-9),
+                    "samples_per_s": samples / max(time.time() - step_started, 1e-9),
                     "elapsed_s": time.time() - started,
                 }
                 progress.set_postfix(loss=f"{last['loss']:.4f}")

@@ -33,15 +33,13 @@ Config entries (TrainConfig.datasets), one dict per source, built by `build_mixt
     {"type": "semantic", "root": ".../ade20k", "class_names": ".../ade20k_classes.json", "split": "training"}
     {"type": "vqa", "json": ".../llava_instruct_150k.json", "image_root": ".../coco/train2017"}
     {"type": "synthetic", "split": "train", "seed": 0, "size": 4000, "image_size": 128}
-Optional keys in every entry: "name" (the source's key, default the reader's name), "ratio"
-(default: the group's DEFAULT_RATIOS share, split equally among the group's sources) and "steps"
-([first, end) optimizer steps, end null for open: a curriculum; the source draws only then, and the
-other sources share its draws meanwhile).
+Optional keys in every entry: "name" (the source's key, default the reader's name) and "ratio"
+(default: the group's DEFAULT_RATIOS share, split equally among the group's sources).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from lisa_core.errors import ConfigurationError
 from training.data.mixing import DEFAULT_RATIOS, MixtureDataset, mixture_ratios
@@ -57,7 +55,7 @@ ENTRY_TYPES = ("reason_seg", "refer", "semantic", "vqa", "synthetic")
 
 def build_source(entry: Mapping[str, Any]) -> SampleSource:
     """One reader from a config entry (format in the module doc)."""
-    options = {k: v for k, v in entry.items() if k not in ("type", "name", "ratio", "steps")}
+    options = {k: v for k, v in entry.items() if k not in ("type", "name", "ratio")}
     kind = entry.get("type")
     try:
         if kind == "reason_seg":
@@ -92,23 +90,9 @@ def build_sources(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Sampl
     return sources, mixture_ratios(groups, overrides)
 
 
-def build_mixture(
-    entries: Sequence[Mapping[str, Any]], length: int, seed: int = 0, samples_per_step: Optional[int] = None
-) -> MixtureDataset:
-    """The mixture of `entries`; entries with "steps" need `samples_per_step` (the samples one optimizer
-    step reads, over all processes) to place their windows in the stream."""
+def build_mixture(entries: Sequence[Mapping[str, Any]], length: int, seed: int = 0) -> MixtureDataset:
     sources, ratios = build_sources(entries)
-    windows = {}
-    for entry, name in zip(entries, sources):
-        if "steps" not in entry:
-            continue
-        steps = entry["steps"]
-        if samples_per_step is None:
-            raise ConfigurationError(f"source {name!r} has steps {steps}: give build_mixture samples_per_step")
-        if not isinstance(steps, (list, tuple)) or len(steps) != 2:
-            raise ConfigurationError(f"steps of source {name!r} must be [first, end], got {steps!r}")
-        windows[name] = [None if step is None else step * samples_per_step for step in steps]
-    return MixtureDataset(sources, ratios, length, seed, windows)
+    return MixtureDataset(sources, ratios, length, seed)
 
 
 __all__ = [

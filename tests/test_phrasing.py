@@ -179,9 +179,8 @@ def test_training_mixes_sizes_and_ratios_and_rejects_unknown_ones():
         SyntheticReasonSeg(official_rate=1.5)
 
 
-@pytest.mark.parametrize("style", ["explained", "reasoned"])
-def test_every_generated_answer_is_well_formed_and_broken_ones_are_not(style):
-    dataset = SyntheticReasonSeg("train", seed=4, size=200, answers=style, official_rate=0.4)
+def test_every_generated_answer_is_well_formed_and_broken_ones_are_not():
+    dataset = SyntheticReasonSeg("train", seed=4, size=200, answers="explained", official_rate=0.4)
     rng = np.random.default_rng(0)
     for index in range(200):
         for conversation in dataset.get(index, rng).conversations:
@@ -192,15 +191,11 @@ def test_every_generated_answer_is_well_formed_and_broken_ones_are_not(style):
         ("[SEG] and [SEG]. There isape the only red shape.", 2),
         ("[SEG]. The red circle would roll because it is round.", 2),  # one [SEG], two masks
         ("[SEG]. The red circle would fly because it is round.", 1),
-        ("The red circle would roll because it is round. [SEG]. [SEG].", 2),
-        ("The red circle would roll because it is round. Sure, [SEG].", 1),  # templates only lead
-        ("The red circle would roll because it is round. [SEG]. The red circle would roll because it is round.", 1),
         (ABSENT_ANSWER, 1),
     ):
         assert not is_well_formed(answer, masks), answer
     assert is_well_formed(" [SEG] and [SEG]. There are two circles and each would roll.", 2)
     assert is_well_formed("Sure, [SEG].", 1) and is_well_formed(ABSENT_ANSWER, 0)
-    assert is_well_formed("There are two circles and each would roll. [SEG] and [SEG].", 2)
 
 
 def test_the_tokenizer_never_spells_the_added_tokens():

@@ -35,10 +35,8 @@ query with a target is asked with an explanatory suffix ("... Please output segm
 explain why.") and answered with a reason after the [SEG]s ("Sure, [SEG]. The red circle would roll
 because it is round.").
 `answers="explained"` (instead of "templates") answers every query with a target by the bare [SEG]s and
-the explanation ("[SEG]. The red circle would roll because it is round.") and asks it plainly;
-`answers="reasoned"` the other way round, the explanation first ("The red circle would roll because it
-is round. [SEG]."), so that each [SEG] is read after the answer has named its target: the demo model's
-recipe. Absent targets get ABSENT_ANSWER in every style.
+the explanation ("[SEG]. The red circle would roll because it is round.") and asks it plainly: the demo
+model's recipe. Absent targets get ABSENT_ANSWER either way.
 
 `kinds` restricts the query kinds (all six by default), e.g. for an easier demo task.
 
@@ -106,7 +104,7 @@ RELATIONS = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": 
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 MULTI_ANSWER_TEMPLATES = ("Sure, {segs}.", "Sure, they are {segs}.", "They are {segs}.", "{segs}.")
 ABSENT_ANSWER = "There is no such object in the image."
-ANSWER_STYLES = ("templates", "explained", "reasoned")
+ANSWER_STYLES = ("templates", "explained")
 KINDS = ("attribute", "size", "relation", "function", "multiple", "absent")
 KIND_WEIGHTS = {"attribute": 1.0, "size": 1.0, "relation": 1.5, "function": 1.5, "multiple": 1.0, "absent": 0.5}
 ASPECT_RATIOS = {"1:1": (1, 1), "4:3": (4, 3), "16:9": (16, 9)}  # width : height
@@ -357,8 +355,6 @@ class SyntheticReasonSeg:
             return self._question(query, rng), ABSENT_ANSWER
         if self.answers == "explained":
             return self._question(query, rng), f"{join_segs(len(query.targets))}. {query.explanation}"
-        if self.answers == "reasoned":
-            return self._question(query, rng), f"{query.explanation} {join_segs(len(query.targets))}."
         if len(query.targets) == 1:
             answer = templates.segmentation_answer(rng)
         else:
@@ -617,7 +613,7 @@ def explanations() -> frozenset[str]:
 def is_well_formed(answer: str, masks: int) -> bool:
     """Whether `answer` is a sentence the generator can write with exactly `masks` [SEG]s: ABSENT_ANSWER
     for none; else an answer template or the bare "[SEG]." form with that many [SEG]s, alone or followed
-    by one explanation, or one explanation followed by the bare form."""
+    by one explanation."""
     answer = answer.strip()
     if answer.count(SEG_TOKEN) != masks:
         return False
@@ -627,8 +623,6 @@ def is_well_formed(answer: str, masks: int) -> bool:
     heads = [f"{segs}."] + [template.format(segs=segs) for template in MULTI_ANSWER_TEMPLATES]
     if masks == 1:
         heads += list(templates.ANSWER_TEMPLATES)
-    if answer.endswith(" " + heads[0]) and answer[: -len(heads[0]) - 1] in explanations():
-        return True
     return any(answer == head or answer.startswith(head + " ") and answer[len(head) + 1:] in explanations()
                for head in heads)
 

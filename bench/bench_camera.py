@@ -59,10 +59,10 @@ RELIABLE_CAMERA_DEPTH = 10  # rmw_qos_profile_default, image_transport's default
 # Environment variables that choose Fast DDS transports: the default environment has none of them.
 TRANSPORT_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE",
                        "FASTDDS_BUILTIN_TRANSPORTS")
-# The large-frames profile in one process only (transports values): "<process>: <profile file>".
+# The large-frames profile in one process only (transports values), and that process.
 CAMERA_PROFILE = "camera: fastdds_large_frames.xml"
 NODE_PROFILE = "node: fastdds_large_frames.xml"
-PROFILE_TRANSPORTS = (CAMERA_PROFILE, NODE_PROFILE)
+PROFILE_PROCESSES = {CAMERA_PROFILE: "camera", NODE_PROFILE: "node"}
 MAX_NEW_TOKENS = 2
 CPU_THREADS = 1  # as the other node benchmarks: torch's default (every core) is slower on a shared machine
 QUERY_TIMEOUT_S = 30.0
@@ -264,9 +264,9 @@ def environment(updates: dict, removals: Sequence[str] = ()) -> Iterator[None]:
 
 def transport_env(env: dict, transports: str) -> dict:
     """`env` without any Fast DDS transport choice, plus FASTDDS_BUILTIN_TRANSPORTS when `transports`
-    names one ("" and the PROFILE_TRANSPORTS keep the default)."""
+    names one ("" and the PROFILE_PROCESSES rows keep the default)."""
     env = {key: value for key, value in env.items() if key not in TRANSPORT_VARIABLES}
-    if transports and transports not in PROFILE_TRANSPORTS:
+    if transports and transports not in PROFILE_PROCESSES:
         env["FASTDDS_BUILTIN_TRANSPORTS"] = transports
     return env
 
@@ -274,10 +274,10 @@ def transport_env(env: dict, transports: str) -> dict:
 def process_env(env: dict, transports: str, process: str) -> dict:
     """The environment of `process` ("camera" or "node"): `env`, with the large-frames profile when
     `transports` puts it in that process."""
-    from lisa_ros.process import LARGE_FRAMES_PROFILE, use_large_frames_profile
+    from lisa_ros.process import use_large_frames_profile
 
     env = dict(env)
-    if transports == f"{process}: {LARGE_FRAMES_PROFILE}":
+    if PROFILE_PROCESSES.get(transports) == process:
         use_large_frames_profile(env)
     return env
 
@@ -372,7 +372,7 @@ def format_statuses(counts: dict) -> str:
 class CameraRun:
     size: str
     reliable: bool
-    transports: str  # "" (default), one of PROFILE_TRANSPORTS or a FASTDDS_BUILTIN_TRANSPORTS value
+    transports: str  # "" (default), a PROFILE_PROCESSES key or a FASTDDS_BUILTIN_TRANSPORTS value
     encoding: str = "rgb8"
 
     @property
@@ -509,7 +509,8 @@ def format_report(machine: str, seconds: float, queries: int, rows: list[dict]) 
         f"segmenting model with max_new_tokens {MAX_NEW_TOKENS} and cpu_threads {CPU_THREADS}; {queries} "
         "instructions spread over each row. No Fast DDS profile and no FASTDDS_BUILTIN_TRANSPORTS, except "
         f"where the transports column says `{CAMERA_PROFILE}` or `{NODE_PROFILE}` (the 32 MB shared-memory "
-        "profile in that process only; the client always on defaults) or names a FASTDDS_BUILTIN_TRANSPORTS value (set in every process). Bare rclpy "
+        "profile in that process only; the client always on defaults) or names a FASTDDS_BUILTIN_TRANSPORTS "
+        "value (set in every process). Bare rclpy "
         "subscriber: the same camera again, to a process that only counts image, depth and camera info "
         "callbacks (same reliability, SingleThreadedExecutor like the node), keeping "
         + " or ".join(f"the last {depth}" for depth in depths) + "; each its own run of the camera.\n",

@@ -167,7 +167,8 @@ class PerceptionNode(LifecycleNode):
     def __init__(self, abort: Optional[threading.Event] = None, **node_kwargs):
         """`abort`, when set, makes a configure that is loading the model give up (the process is ending)."""
         super().__init__(NODE_NAME, **node_kwargs)
-        self._service_change_state.callback = self._refusing_unavailable_transitions(self._service_change_state.callback)
+        change_state = self._service_change_state
+        change_state.callback = self._refusing_unavailable_transitions(change_state.callback)
         self._abort = abort or threading.Event()
         self._worker: Optional[InferenceWorker] = None
         self._model: Optional[ModelSource] = None

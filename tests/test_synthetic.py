@@ -13,8 +13,12 @@ from training.data.synthetic import (
     COLOURS,
     HELD_OUT_PAIRS,
     SHAPES,
+    UNNAMED,
+    UNNAMED_COLOUR_DISTANCE,
     SyntheticReasonSeg,
     corpus,
+    explanations,
+    is_well_formed,
 )
 
 WORD = re.compile(r"\[SEG\]|\w+|[^\w\s]")
@@ -89,9 +93,9 @@ def oracle(query_text, objects, masks, image_size):
     return {i for i, o in enumerate(objects) if (o.colour, o.shape) == (colour, shape)}, None
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_every_candidate_query_has_the_right_targets(split):
-    dataset = SyntheticReasonSeg(split, seed=5, size=150)
+@pytest.mark.parametrize("split, unnamed_colour_rate", [("train", 0.0), ("test", 0.0), ("train", 0.5), ("test", 0.5)])
+def test_every_candidate_query_has_the_right_targets(split, unnamed_colour_rate):
+    dataset = SyntheticReasonSeg(split, seed=5, size=150, unnamed_colour_rate=unnamed_colour_rate)
     kinds = set()
     for index in range(len(dataset)):
         scene = dataset.scene(index)
@@ -238,6 +242,45 @@ def test_explained_answers():
         SyntheticReasonSeg(answers="short")
 
 
+def test_objects_of_unnamed_colours_are_only_asked_about_by_shape_size_and_place():
+    dataset = SyntheticReasonSeg("train", seed=7, size=200, answers="explained", unnamed_colour_rate=0.5)
+    named = np.array(list(COLOURS.values()), dtype=float)
+    unnamed = total = 0
+    kinds = set()
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        for obj, mask in zip(scene.objects, scene.masks):
+            total += 1
+            assert (scene.image[mask == 1] == obj.fill).all()
+            if obj.colour != UNNAMED:
+                assert obj.fill == COLOURS[obj.colour]
+                continue
+            unnamed += 1
+            assert np.linalg.norm(named - obj.fill, axis=1).min() >= UNNAMED_COLOUR_DISTANCE
+            grey = np.clip(np.mean(obj.fill), 200, 245)
+            assert np.linalg.norm(np.array(obj.fill) - grey) >= UNNAMED_COLOUR_DISTANCE
+        for query in scene.queries:
+            if not any(scene.objects[i].colour == UNNAMED for i in query.targets):
+                continue
+            kinds.add(query.kind)
+            assert query.kind in ("size", "relation", "function", "multiple"), query
+            assert query.explanation in explanations(), query
+            described = [scene.objects[i].shape for i in query.targets]
+            assert query.explanation.startswith(("There are", *(f"The {shape} " for shape in described))), query
+    assert 0.4 < unnamed / total < 0.6
+    assert kinds == {"size", "relation", "function", "multiple"}
+    sample = dataset.get(0, np.random.default_rng(0))
+    assert all(is_well_formed(answer, answer.count("[SEG]")) for (_, answer), in sample.conversations)
+
+
+def test_the_held_out_object_of_a_test_scene_keeps_its_named_colour():
+    dataset = SyntheticReasonSeg("test", seed=0, size=100, unnamed_colour_rate=1.0)
+    for index in range(len(dataset)):
+        objects = dataset.scene(index).objects
+        assert objects[0].pair in HELD_OUT_PAIRS
+        assert all(o.colour == UNNAMED for o in objects[1:])
+
+
 def test_corpus_covers_every_generated_word():
     vocabulary = {w for sentence in corpus() for w in WORD.findall(sentence)}
     assert len(vocabulary) < 200  # small enough for a word-level tokenizer
@@ -267,6 +310,8 @@ def test_configuration_and_errors():
         small.eval_sample(3)
     with pytest.raises(InputError, match="max_objects"):
         SyntheticReasonSeg(max_objects=1)
+    with pytest.raises(InputError, match="unnamed_colour_rate"):
+        SyntheticReasonSeg(unnamed_colour_rate=1.5)
     assert len(SHAPES) == 5 and len(COLOURS) == 6
 
 

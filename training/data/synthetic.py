@@ -26,7 +26,14 @@ TRAINED or a HELD_OUT phrasing (templates and nouns no training sample and no to
 With `unknown_word_rate` above 0, that share of the TRAINED-phrased training questions gets 1 to
 MAX_UNKNOWN_WORDS made-up words (phrasing.pseudo_word: none is a word of `vocabulary()`) in place of a
 template word or the generic noun, or inserted: practice at reading past words the model never saw.
-With the defaults (one size, one ratio, official_rate 1, no unknown words) the splits are exactly those first shipped.
+With `unnamed_colour_rate` above 0, that share of the objects is painted in a colour of no name
+(UNNAMED: drawn at least UNNAMED_COLOUR_DISTANCE from every named colour and from the grey background):
+such an object is only ever asked about and explained by its shape, size and place ("The circle would
+roll because it is round."), so each shape is seen in many colours: practice at recognising a shape
+whatever its colour, which the held-out compositions need. The hold-out stays exact: no held-out pair,
+and no colour near one, is ever drawn outside "test".
+With the defaults (one size, one ratio, official_rate 1, no unknown words, no unnamed colours) the
+splits are exactly those first shipped.
 
 Answers: one [SEG] per target, targets ordered left to right (then top to bottom), masks in that order:
 LISA's answer templates for one target ("Sure, [SEG]."), "Sure, [SEG] and [SEG]." style for several,
@@ -111,6 +118,9 @@ ASPECT_RATIOS = {"1:1": (1, 1), "4:3": (4, 3), "16:9": (16, 9)}  # width : heigh
 SIZE_MARGIN = 1.3  # the largest/smallest must beat the runner-up by this area ratio
 MIN_RADIUS, MAX_RADIUS = 0.07, 0.17  # fractions of the image's short side
 MAX_UNKNOWN_WORDS = 2  # made-up words in one question
+UNNAMED = ""  # the colour name of an object painted in a colour of no name
+UNNAMED_COLOUR_DISTANCE = 100.0  # RGB distance of an unnamed colour from every named one and the background
+BACKGROUND_GREYS = (200, 246)  # the background's grey level is drawn from [low, high)
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,7 @@ class SceneObject:
     centre: tuple[float, float]  # (x, y)
     radius: float
     rotation: float  # radians
+    fill: tuple[int, int, int]  # RGB: COLOURS[colour], or a colour of no name (UNNAMED)
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -215,6 +226,7 @@ class SyntheticReasonSeg:
         official_rate: float = 1.0,
         eval_phrasing: str = phrasing.OFFICIAL,
         unknown_word_rate: float = 0.0,
+        unnamed_colour_rate: float = 0.0,
     ):
         if split not in SPLITS:
             raise InputError(f"synthetic split must be one of {list(SPLITS)}, got {split!r}")
@@ -230,6 +242,8 @@ class SyntheticReasonSeg:
             raise InputError(f"official_rate must be within [0, 1], got {official_rate}")
         if not 0.0 <= unknown_word_rate <= 1.0:
             raise InputError(f"unknown_word_rate must be within [0, 1], got {unknown_word_rate}")
+        if not 0.0 <= unnamed_colour_rate <= 1.0:
+            raise InputError(f"unnamed_colour_rate must be within [0, 1], got {unnamed_colour_rate}")
         if eval_phrasing not in phrasing.PHRASINGS:
             raise InputError(f"eval_phrasing must be one of {phrasing.PHRASINGS}, got {eval_phrasing!r}")
         unknown = sorted(set(kinds) - set(KINDS))
@@ -244,6 +258,7 @@ class SyntheticReasonSeg:
         self.aspect_ratios = tuple(aspect_ratios)
         self.official_rate = official_rate
         self.unknown_word_rate = unknown_word_rate
+        self.unnamed_colour_rate = unnamed_colour_rate
         self.eval_phrasing = eval_phrasing
         self.max_objects = max_objects
         self.explanatory_rate = explanatory_rate
@@ -294,19 +309,23 @@ class SyntheticReasonSeg:
         count = int(rng.integers(2, self.max_objects + 1))
         objects: list[SceneObject] = []
         for position in range(count):
-            colour, shape = self._draw_pair(rng, force_held_out=self.split == "test" and position == 0)
+            held_out = self.split == "test" and position == 0
+            colour, shape = self._draw_pair(rng, force_held_out=held_out)
+            fill = COLOURS[colour]
+            if self.unnamed_colour_rate > 0 and not held_out and rng.random() < self.unnamed_colour_rate:
+                colour, fill = UNNAMED, unnamed_colour(rng)
             for _ in range(100):
                 radius = float(rng.uniform(MIN_RADIUS, MAX_RADIUS) * side)
                 centre = (float(rng.uniform(radius + 2, width - radius - 2)), float(rng.uniform(radius + 2, height - radius - 2)))
                 rotation = float(rng.uniform(-0.25, 0.25))
                 if all(math.dist(centre, o.centre) >= radius + o.radius + 3 for o in objects):
-                    objects.append(SceneObject(colour, shape, centre, radius, rotation))
+                    objects.append(SceneObject(colour, shape, centre, radius, rotation, fill))
                     break
-        background = int(rng.integers(200, 246))
+        background = int(rng.integers(*BACKGROUND_GREYS))
         image = np.full((height, width, 3), background, dtype=np.uint8)
         masks = [object_mask(obj, height, width) for obj in objects]
         for obj, mask in zip(objects, masks):
-            image[mask == 1] = COLOURS[obj.colour]
+            image[mask == 1] = obj.fill
         return objects, masks, image
 
     # queries
@@ -409,8 +428,20 @@ def left_to_right(objects: list[SceneObject], indices) -> tuple[int, ...]:
     return tuple(sorted(indices, key=lambda i: (objects[i].centre[0], objects[i].centre[1])))
 
 
+def unnamed_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A colour at least UNNAMED_COLOUR_DISTANCE from every named colour and every background grey."""
+    named = np.array(list(COLOURS.values()), dtype=float)
+    while True:
+        rgb = rng.integers(0, 256, size=3)
+        grey = np.clip(rgb.mean(), BACKGROUND_GREYS[0], BACKGROUND_GREYS[1] - 1)
+        if (np.linalg.norm(named - rgb, axis=1).min() >= UNNAMED_COLOUR_DISTANCE
+                and np.linalg.norm(rgb - grey) >= UNNAMED_COLOUR_DISTANCE):
+            return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
+
+
 def describe(obj: SceneObject) -> str:
-    return f"{obj.colour} {obj.shape}"
+    """"red circle", or "circle" for an object of a colour of no name."""
+    return f"{obj.colour} {obj.shape}" if obj.colour != UNNAMED else obj.shape
 
 
 def phrase_slots(adjective: str, head: str = "") -> tuple[tuple[str, str], ...]:
@@ -424,6 +455,8 @@ def predicate_slots(singular: str, plural_verb: str) -> tuple[tuple[str, str], .
 def attribute_queries(objects: list[SceneObject]) -> list[Query]:
     queries = []
     for index, obj in enumerate(objects):
+        if obj.colour == UNNAMED:
+            continue
         same_colour = [o for o in objects if o.colour == obj.colour]
         same_shape = [o for o in objects if o.shape == obj.shape]
         same_pair = [o for o in objects if o.pair == obj.pair]
@@ -476,7 +509,7 @@ def unique_references(objects: list[SceneObject], masks: list[np.ndarray]) -> li
         if index is not None:
             references.append((index, word, ""))
     for index, obj in enumerate(objects):
-        if sum(o.colour == obj.colour for o in objects) == 1:
+        if obj.colour != UNNAMED and sum(o.colour == obj.colour for o in objects) == 1:
             references.append((index, obj.colour, ""))
         if sum(o.shape == obj.shape for o in objects) == 1:
             references.append((index, "", obj.shape))
@@ -602,6 +635,15 @@ def explanations() -> frozenset[str]:
             f"The {described} has the colour of {thing} because {thing} {verb} {colour}.",
         })
         texts.update(f"The {described} is the only shape {relation} the {reference}."
+                     for relation, reference in itertools.product(RELATIONS, references))
+    for shape in SHAPES:
+        singular, _, reason = SHAPE_FUNCTIONS[shape]
+        texts.update({
+            f"The {shape} is larger than every other shape.",
+            f"The {shape} is smaller than every other shape.",
+            f"The {shape} {singular} because {reason}.",
+        })
+        texts.update(f"The {shape} is the only shape {relation} the {reference}."
                      for relation, reference in itertools.product(RELATIONS, references))
     for count in NUMBER_WORDS.values():
         for shape, (singular, _, _) in SHAPE_FUNCTIONS.items():

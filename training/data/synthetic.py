@@ -439,9 +439,13 @@ def unnamed_colour(rng: np.random.Generator) -> tuple[int, int, int]:
             return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
 
 
+def object_name(colour: str, shape: str) -> str:
+    """"red circle", or "circle" for a colour of no name (UNNAMED)."""
+    return f"{colour} {shape}" if colour != UNNAMED else shape
+
+
 def describe(obj: SceneObject) -> str:
-    """"red circle", or "circle" for an object of a colour of no name."""
-    return f"{obj.colour} {obj.shape}" if obj.colour != UNNAMED else obj.shape
+    return object_name(obj.colour, obj.shape)
 
 
 def phrase_slots(adjective: str, head: str = "") -> tuple[tuple[str, str], ...]:
@@ -622,29 +626,25 @@ def explanations() -> frozenset[str]:
     """Every explanation the generator can write after an answer's [SEG]s."""
     texts = set()
     references = ["largest shape", "smallest shape", *(f"{c} shape" for c in COLOURS), *SHAPES]
-    for colour, shape in itertools.product(COLOURS, SHAPES):
-        described = f"{colour} {shape}"
-        singular, _, reason = SHAPE_FUNCTIONS[shape]
-        thing, verb = COLOUR_KNOWLEDGE[colour]
-        texts.update({
-            f"The {described} is the only {colour} shape.",
-            f"It is the only {shape} that is {colour}.",
-            f"The {described} is larger than every other shape.",
-            f"The {described} is smaller than every other shape.",
-            f"The {described} {singular} because {reason}.",
-            f"The {described} has the colour of {thing} because {thing} {verb} {colour}.",
-        })
-        texts.update(f"The {described} is the only shape {relation} the {reference}."
-                     for relation, reference in itertools.product(RELATIONS, references))
     for shape in SHAPES:
         singular, _, reason = SHAPE_FUNCTIONS[shape]
-        texts.update({
-            f"The {shape} is larger than every other shape.",
-            f"The {shape} is smaller than every other shape.",
-            f"The {shape} {singular} because {reason}.",
-        })
-        texts.update(f"The {shape} is the only shape {relation} the {reference}."
-                     for relation, reference in itertools.product(RELATIONS, references))
+        for colour in (UNNAMED, *COLOURS):
+            described = object_name(colour, shape)
+            texts.update({
+                f"The {described} is larger than every other shape.",
+                f"The {described} is smaller than every other shape.",
+                f"The {described} {singular} because {reason}.",
+            })
+            texts.update(f"The {described} is the only shape {relation} the {reference}."
+                         for relation, reference in itertools.product(RELATIONS, references))
+            if colour == UNNAMED:
+                continue
+            thing, verb = COLOUR_KNOWLEDGE[colour]
+            texts.update({
+                f"The {described} is the only {colour} shape.",
+                f"It is the only {shape} that is {colour}.",
+                f"The {described} has the colour of {thing} because {thing} {verb} {colour}.",
+            })
     for count in NUMBER_WORDS.values():
         for shape, (singular, _, _) in SHAPE_FUNCTIONS.items():
             texts.update({f"There are {count} {plural(shape)}.", f"There are {count} {plural(shape)} and each {singular}."})

@@ -25,12 +25,10 @@ from transformers.cache_utils import Cache
 
 from lisa_core.config import LisaConfig, SamConfig
 from lisa_core.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from lisa_core.prompt import IMAGE_PLACEHOLDER_ID
 
 # transformers renamed LlamaModel.forward's `past_key_values` to `cache` (5.2x); accept either.
 _CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-# input_ids value marking the positions that receive the projected CLIP features (as in LLaVA).
-IMAGE_PLACEHOLDER_ID = -200
 
 _OFFICIAL_PREFIXES = (  # (official, internal), most specific first
     ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),

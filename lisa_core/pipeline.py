@@ -35,14 +35,8 @@ from lisa_core.generate import (
 )
 from lisa_core.model import LisaModel
 from lisa_core.precision import PRECISIONS, QUANTIZATIONS
-from lisa_core.preprocess import (
-    check_aspect_ratio,
-    check_clip_framing,
-    clip_preprocess,
-    postprocess_masks,
-    prepare_image,
-    sam_preprocess,
-)
+from lisa_core.frames import check_aspect_ratio, prepare_image
+from lisa_core.preprocess import check_clip_framing, clip_preprocess, postprocess_masks, sam_preprocess
 from lisa_core.prompt import Prompt, PromptBuilder, Turn
 from lisa_core.result import (
     STAGE_DECODING_MASKS,

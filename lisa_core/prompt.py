@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from lisa_core.errors import InputError
-from lisa_core.model import IMAGE_PLACEHOLDER_ID
 
 SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -17,6 +16,8 @@ USER_ROLE = "USER"
 ASSISTANT_ROLE = "ASSISTANT"
 TURN_SEPARATOR = " "  # after a user message (llava_v1 `sep`)
 ANSWER_SEPARATOR = "</s>"  # after an assistant message (llava_v1 `sep2`)
+# input_ids value marking the positions that receive the projected CLIP features (as in LLaVA).
+IMAGE_PLACEHOLDER_ID = -200
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Hashable, Optional, Sequence
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from lisa_core.prompt import Turn
 
 STAGE_ENCODING = "encoding"  # CLIP and the SAM image encoder

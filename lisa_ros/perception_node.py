@@ -66,7 +66,7 @@ from visualization_msgs.msg import MarkerArray
 
 from lisa_core.errors import InputError
 from lisa_core.overlay import draw_overlay
-from lisa_core.preprocess import check_aspect_ratio
+from lisa_core.frames import check_aspect_ratio
 from lisa_core.result import STAGE_DECODING_MASKS, STAGE_ENCODING, STAGE_GENERATING
 from lisa_ros import health
 from lisa_ros.conversations import ConversationLimits, ConversationStore

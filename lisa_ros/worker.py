@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from lisa_core.errors import GenerationCancelled, InputError
-from lisa_core.preprocess import check_aspect_ratio, prepare_image
+from lisa_core.frames import check_aspect_ratio, prepare_image
 from lisa_core.prompt import Turn
 from lisa_core.result import Progress, SegmentationResult, SegmentRequest
 from lisa_ros.conversations import ConversationStore, history_note

@@ -7,6 +7,8 @@ functions count as much as those at the top of a file.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,16 @@ def test_imports_resolve_relative_names_and_submodules(tmp_path):
     )
     assert imports(package / "mod.py", {"pkg.other", "pkg.mod"}, tmp_path) == {"os.path", "pkg.other", "pkg.sub", "pkg.mod"}
     assert import_graph("pkg", tmp_path) == {"pkg": set(), "pkg.other": set(), "pkg.sub": set(), "pkg.mod": {"pkg.other", "pkg.sub"}}
+
+
+MODEL_LIBRARIES = ("torch", "transformers", "segment_anything", "peft")
+
+
+def test_the_node_starts_without_the_model_libraries():
+    """The node loads them on configure: until then it declares and checks its parameters, so a bad one
+    is refused at once, and a lifecycle manager sees the node as soon as the process runs."""
+    code = ("import sys, lisa_ros.node, lisa_ros.perception_node; "
+            f"print(sorted(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout

@@ -13,7 +13,7 @@ import torch
 
 from lisa_core.errors import InputError
 from lisa_core.generate import KVDecoder, generate, generate_batch
-from lisa_core.model import IMAGE_PLACEHOLDER_ID
+from lisa_core.prompt import IMAGE_PLACEHOLDER_ID
 from lisa_core.prompt import SYSTEM_PROMPT, PromptBuilder, Turn, build_prompt, tokenize_with_image
 from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer
 

@@ -85,7 +85,7 @@ def test_tiny_stages_have_the_documented_shapes():
 
 
 def test_embed_prompt_places_image_features_and_checks_their_count():
-    from lisa_core.model import IMAGE_PLACEHOLDER_ID
+    from lisa_core.prompt import IMAGE_PLACEHOLDER_ID
 
     torch.manual_seed(0)
     model = LisaModel(LisaConfig.tiny()).eval()

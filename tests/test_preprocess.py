@@ -10,6 +10,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from lisa_core.config import LisaConfig
 from lisa_core.errors import ConfigurationError, InputError
+from lisa_core.frames import prepare_image
 from lisa_core.preprocess import (
     CLIP_FRAMINGS,
     CLIP_MEAN,
@@ -19,7 +20,6 @@ from lisa_core.preprocess import (
     clip_preprocess,
     clip_resized_shape,
     postprocess_masks,
-    prepare_image,
     sam_preprocess,
     sam_resized_shape,
 )

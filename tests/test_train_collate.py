@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lisa_core.errors import InputError
-from lisa_core.model import IMAGE_PLACEHOLDER_ID
+from lisa_core.prompt import IMAGE_PLACEHOLDER_ID
 from lisa_core.pipeline import LisaPipeline
 from lisa_core.prompt import SYSTEM_PROMPT, Turn, build_prompt, tokenize_with_image
 from lisa_core.tiny import build_tiny_model, build_tiny_tokenizer

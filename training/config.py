@@ -73,7 +73,6 @@ class TrainConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     iou_weight: float = 0.0  # SAM's IoU-prediction head (training.losses); the official recipe leaves it untrained
-    sam_point_steps: int = 0  # SAM's own task (masks from points) first, for a SAM from random weights (training.sam_points)
     seed: int = 0
 
     # --- engine ----------------------------------------------------------------------------------
@@ -113,9 +112,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accumulation", "max_steps", "log_every", "save_every", "epoch_samples"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sam_point_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigurationError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2:
             raise ConfigurationError(f"betas must have two values, got {self.betas}")
         if self.deepspeed_zero_stage not in (None, 0, 1, 2, 3):

@@ -7,8 +7,7 @@ Steps:
    `num_threads`; 2, the default, is how the shipped model was trained; 1 trains in this process): a
    small LISA built from random weights (lisa_core's tiny tokenizer trained on the synthetic
    benchmark's vocabulary, a few-layer Llama, a small CLIP and SAM at 128 px), fully fine-tuned
-   (`finetune: full`: LoRA cannot teach a random network), after a short stage of SAM's own task
-   (`sam_point_steps`: masks from points, training.sam_points), on the synthetic reasoning benchmark
+   (`finetune: full`: LoRA cannot teach a random network) on the synthetic reasoning benchmark
    (training.data.synthetic) with explained answers ("[SEG]. <explanation>"; the config says why);
 2. export of the final weights to `--out` in lisa_core's format (what the node loads by default);
 3. `training.evaluate` on EVALUATION_SETS: the val split and the test split (compositions never seen

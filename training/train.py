@@ -25,8 +25,7 @@ and `resume: latest` continues exactly where the run stopped (same data, same ra
 
 Outputs in `output_dir`: config.yaml (the resolved config), metrics.jsonl (one line per `log_every`
 optimizer steps: step, lr, loss and its ce/bce/dice terms averaged over the step's micro-batches and
-processes, samples/s, elapsed seconds), sam_points.jsonl (with `sam_point_steps`: the steps of
-training.sam_points run first), loss_curve.png, checkpoints/step_N (accelerate state plus
+processes, samples/s, elapsed seconds), loss_curve.png, checkpoints/step_N (accelerate state plus
 trainer_state.json), and with `export_dir` set a merged model folder lisa_core loads.
 """
 
@@ -56,7 +55,6 @@ from training.data.mixing import MixtureDataset
 from training.export import export_model
 from training.losses import LossWeights
 from training.model import LisaForTraining, count_parameters, enable_gradient_checkpointing, prepare_for_finetuning
-from training.sam_points import point_prompt_loss
 
 LOSS_KEYS = ("loss", "ce", "bce", "dice", "iou")
 
@@ -236,14 +234,6 @@ class Trainer:
         self.model = model
         weights = LossWeights(config.ce_weight, config.bce_weight, config.dice_weight, config.iou_weight)
         self.module = LisaForTraining(model.train(), self.tokenizer, weights)
-        self.collator = LisaCollator(self.tokenizer, model.config, config.max_length)
-        if dataset is None:
-            if not config.datasets:
-                raise ConfigurationError("no training data: add entries to `datasets` (see training.data)")
-            dataset = build_mixture(config.datasets, config.epoch_samples, config.seed)
-        self.stream = SampleStream(dataset)
-        if config.sam_point_steps > 0 and resolve_resume(config) is None:
-            self.train_sam_on_points()
         parameters = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
@@ -256,17 +246,23 @@ class Trainer:
         self.wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.scheduler, self.state)
+        self.collator = LisaCollator(self.tokenizer, model.config, config.max_length)
+        if dataset is None:
+            if not config.datasets:
+                raise ConfigurationError("no training data: add entries to `datasets` (see training.data)")
+            dataset = build_mixture(config.datasets, config.epoch_samples, config.seed)
+        self.stream = SampleStream(dataset)
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
             print(message, flush=True)
 
-    def _loader(self, start_batch: int) -> Iterator:
+    def _loader(self) -> Iterator:
         sampler = ProcessBatchSampler(
             self.config.batch_size,
             self.accelerator.process_index,
             self.accelerator.num_processes,
-            start_batch=start_batch,
+            start_batch=self.state.micro_batches,
         )
         loader = DataLoader(
             self.stream,
@@ -329,7 +325,7 @@ class Trainer:
             total=config.max_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
             desc="train", dynamic_ncols=True,
         )
-        batches = self._loader(self.state.micro_batches)
+        batches = self._loader()
         started = time.time()
         last: dict[str, float] = {}
         device = self.accelerator.device
@@ -365,48 +361,6 @@ class Trainer:
             self.export(Path(config.export_dir))
         self.accelerator.wait_for_everyone()
         return last
-
-    def train_sam_on_points(self) -> None:
-        """`sam_point_steps` optimizer steps of SAM's own task (training.sam_points) before LISA's, on
-        the run's first micro-batches (one per process and step, whatever `grad_accumulation`), with
-        the run's lr, warm-up and linear decay over these steps; gradients are averaged over processes.
-        Runs before accelerate wraps the model (DDP's hooks would take this backward for LISA's) and
-        writes sam_points.jsonl (step, lr, bce, dice)."""
-        config, accelerator = self.config, self.accelerator
-        sam = self.model.visual_model.to(accelerator.device)
-        parameters = [p for p in sam.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_linear_decay(config.warmup_steps, config.sam_point_steps)
-        )
-        batches = self._loader(start_batch=0)
-        seed = np.random.SeedSequence([config.seed, accelerator.process_index]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(seed))
-        image_size = self.model.config.sam.image_size
-        path = self.output_dir / "sam_points.jsonl"
-        rows = []
-        for step in range(1, config.sam_point_steps + 1):
-            batch = next(batches).to(accelerator.device)
-            loss, bce, dice = point_prompt_loss(sam, batch, self.module.loss_weights, generator, image_size)
-            loss.backward()
-            if accelerator.num_processes > 1:
-                for parameter in parameters:
-                    if parameter.grad is None:  # no target in this process's batch: its share is zero
-                        parameter.grad = torch.zeros_like(parameter)
-                    torch.distributed.all_reduce(parameter.grad)
-                    parameter.grad.div_(accelerator.num_processes)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            bce, dice = (float(v) for v in accelerator.reduce(torch.stack([bce, dice]), reduction="mean"))
-            rows.append({"step": step, "lr": scheduler.get_last_lr()[0], "bce": bce, "dice": dice})
-            if step % 100 == 0 or step == config.sam_point_steps:
-                self.log(f"SAM on points: step {step}/{config.sam_point_steps}, dice {dice:.3f}")
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     def export(self, directory: Path) -> Path:
         """Merge LoRA (if any) into the trained model, in place, and save it in lisa_core's format."""

@@ -90,9 +90,12 @@ SHUTDOWN_WORKER_WAIT_S = 1.0
 # The process exits right after close(): results still in flight (a frame-sized mask takes a while)
 # would be lost, and with them a query's only outcome.
 SHUTDOWN_DELIVERY_WAIT_S = 0.5
-# A query can reach the node's subscription just before a signal and not be taken yet: spinning this
-# long at close takes each one that arrived and answers it SHUTTING_DOWN instead of leaving it unanswered.
+# A query can reach the node's subscription just before a signal and not be taken yet: at close the node
+# spins until SHUTDOWN_DRAIN_S pass without a query taken (at most SHUTDOWN_DRAIN_MAX_S), answering each
+# one SHUTTING_DOWN instead of leaving it unanswered. A fixed 0.1 s of spinning took one of three queries
+# on a host whose cores were busy with other work.
 SHUTDOWN_DRAIN_S = 0.1
+SHUTDOWN_DRAIN_MAX_S = 2.0
 # Messages an image, depth or camera info subscription holds while the executor is busy (one second at
 # 30 Hz: max_image_age's default): one that arrives meanwhile waits instead of replacing the one
 # before. Reliable 720p at 30 Hz while answering: keep last 1 lost a third of the frames, 10 lost 4 %.
@@ -187,6 +190,7 @@ class PerceptionNode(LifecycleNode):
         self._waiting: dict[int, Future] = {}  # id(query) -> its service call's or goal's outcome
         self._last_event_report = 0.0
         self._closing = False
+        self._refused_at_close = 0  # queries answered SHUTTING_DOWN by close's drain
         self._conversations = ConversationStore(self._conversation_limits(p))
         # The service and the action await their outcome as coroutines; in the default (mutually
         # exclusive) group a waiting one would hold back every other callback, its own timeout too.
@@ -557,6 +561,7 @@ class PerceptionNode(LifecycleNode):
     def _submit(self, query: Query) -> None:
         worker = self._worker
         if self._closing:
+            self._refused_at_close += 1
             self._publish_outcome(self._refusal(query, Status.SHUTTING_DOWN, "node shutting down: query not answered"))
         elif worker is None:
             reason = (f"model not loaded: {self._model_error}" if self._model_error else
@@ -821,9 +826,13 @@ class PerceptionNode(LifecycleNode):
         executor = self.executor
         if executor is None:
             return
-        deadline = time.monotonic() + SHUTDOWN_DRAIN_S
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        quiet_until = start + SHUTDOWN_DRAIN_S
+        while time.monotonic() < min(quiet_until, start + SHUTDOWN_DRAIN_MAX_S):
+            taken = self._refused_at_close
             executor.spin_once(timeout_sec=SHUTDOWN_DRAIN_S / 10)
+            if self._refused_at_close != taken:
+                quiet_until = time.monotonic() + SHUTDOWN_DRAIN_S
 
     def close(self) -> None:
         """Stops the worker (queued queries get SHUTTING_DOWN outcomes); inference still running after

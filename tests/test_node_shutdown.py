@@ -2,17 +2,22 @@
 between its arrival and the executor's next turn) still gets its one answer: SHUTTING_DOWN.
 
 The node runs in this process, in an executor that never spins before close, so every query is still
-waiting in the subscription when close() runs: without the drain at close none would be answered.
+waiting in the subscription when close() runs: without the drain at close none would be answered. The
+slow executor stands for a host whose cores are busy: each turn takes 60 ms, so a drain of fixed length
+(0.1 s) answers at most two of the three queries.
 """
 
 import time
+
+import pytest
 
 from lisa_ros.parameters import DEFAULT_NAMES
 from lisa_ros.status import Status
 from ros_support import ros_session
 
 
-def test_queries_not_taken_yet_at_close_are_answered_shutting_down(tmp_path):
+@pytest.mark.parametrize("turn_delay_s", [0.0, 0.06], ids=["idle_host", "busy_host"])
+def test_queries_not_taken_yet_at_close_are_answered_shutting_down(tmp_path, turn_delay_s):
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from std_msgs.msg import String
@@ -22,7 +27,12 @@ def test_queries_not_taken_yet_at_close_are_answered_shutting_down(tmp_path):
 
     with ros_session(tmp_path) as ros:
         node = PerceptionNode(context=ros["context"], parameter_overrides=[Parameter("autostart", value=False)])
-        executor = SingleThreadedExecutor(context=ros["context"])
+        class Executor(SingleThreadedExecutor):
+            def spin_once(self, timeout_sec=None):
+                time.sleep(turn_delay_s)
+                super().spin_once(timeout_sec=timeout_sec)
+
+        executor = Executor(context=ros["context"])
         executor.add_node(node)
         client = PerceptionClient(ros["context"], name="shutdown_user", camera=False)
         try:

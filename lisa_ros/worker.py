@@ -298,13 +298,14 @@ class InferenceWorker:
                     dropped = self._error(oldest, None, Status.QUEUE_FULL,
                                           f"dropped: queue full ({size} waiting, policy drop_oldest); "
                                           f"query {oldest.id} replaced by {query.id}")
+                if query.on_progress is not None:
+                    # under the lock, so that "queued" comes before any stage the worker thread reports
+                    query.on_progress(STAGE_QUEUED, "", 0)
                 self._queue.append(query)
                 self._tracking.pop(query.camera, None)
                 self._condition.notify_all()
         if dropped is not None:
             self._deliver(dropped)
-        elif query.on_progress is not None:
-            query.on_progress(STAGE_QUEUED, "", 0)
 
     def submit_frame(self, frame: Frame) -> None:
         with self._condition:

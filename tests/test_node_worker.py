@@ -12,7 +12,7 @@ import pytest
 from lisa_core.errors import InputError
 from lisa_core.pipeline import LisaPipeline
 from lisa_ros.status import Status
-from lisa_ros.worker import Frame, InferenceWorker, Query, WorkerSettings, clean_query
+from lisa_ros.worker import STAGE_QUEUED, Frame, InferenceWorker, Query, WorkerSettings, clean_query
 from node_support import scene, write_segmenting_model
 
 IMAGE_TOPIC = "/camera/image_raw"
@@ -145,12 +145,14 @@ def test_no_frame_and_too_old_frame_are_errors_that_name_why(pipeline):
 ])
 def test_full_queue_drops_by_policy_and_every_query_gets_one_outcome(pipeline, policy, dropped, answered):
     harness = Harness(lambda: pipeline, queue_size=2, overflow_policy=policy)
+    stages = {f"q-{index}": [] for index in range(1, 6)}
     harness.frame(0)
     pipeline.gate.clear()
-    harness.query("q-1")
+    harness.query("q-1", on_progress=lambda stage, text, tokens: stages["q-1"].append(stage))
     assert pipeline.entered.wait(30)  # q-1 is inside the model; the queue holds 2 more
     for index in range(2, 6):
-        harness.query(f"q-{index}")
+        query_id = f"q-{index}"
+        harness.query(query_id, on_progress=lambda stage, text, tokens, i=query_id: stages[i].append(stage))
     assert harness.worker.queue_length == 2
     drops = harness.wait_for_ids(*dropped)
     for outcome in drops:
@@ -163,6 +165,9 @@ def test_full_queue_drops_by_policy_and_every_query_gets_one_outcome(pipeline, p
     with harness.lock:
         ids = [o.query.id for o in harness.outcomes]
     assert sorted(ids) == [f"q-{i}" for i in range(1, 6)], "exactly one outcome per query"
+    queued = [query_id for query_id, seen in stages.items() if seen[:1] == [STAGE_QUEUED]]
+    assert queued == sorted(set(answered) | set(dropped) if policy == "drop_oldest" else answered), (
+        f"every query that entered the queue is told so first, a rejected one never: {stages}")
     harness.worker.stop(2.0)
 
 

@@ -146,13 +146,16 @@ def test_no_frame_and_too_old_frame_are_errors_that_name_why(pipeline):
 def test_full_queue_drops_by_policy_and_every_query_gets_one_outcome(pipeline, policy, dropped, answered):
     harness = Harness(lambda: pipeline, queue_size=2, overflow_policy=policy)
     stages = {f"q-{index}": [] for index in range(1, 6)}
+
+    def query(query_id):
+        harness.query(query_id, on_progress=lambda stage, text, tokens: stages[query_id].append(stage))
+
     harness.frame(0)
     pipeline.gate.clear()
-    harness.query("q-1", on_progress=lambda stage, text, tokens: stages["q-1"].append(stage))
+    query("q-1")
     assert pipeline.entered.wait(30)  # q-1 is inside the model; the queue holds 2 more
     for index in range(2, 6):
-        query_id = f"q-{index}"
-        harness.query(query_id, on_progress=lambda stage, text, tokens, i=query_id: stages[i].append(stage))
+        query(f"q-{index}")
     assert harness.worker.queue_length == 2
     drops = harness.wait_for_ids(*dropped)
     for outcome in drops:

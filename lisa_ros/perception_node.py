@@ -108,6 +108,9 @@ ACTION_STAGES = {STAGE_QUEUED: QueryAction.Feedback.STAGE_QUEUED,
                  STAGE_ENCODING: QueryAction.Feedback.STAGE_ENCODING,
                  STAGE_GENERATING: QueryAction.Feedback.STAGE_GENERATING,
                  STAGE_DECODING_MASKS: QueryAction.Feedback.STAGE_DECODING_MASKS}
+# The primary state each transition leaves; shutting down and error processing start from several.
+STATE_LEFT_BY_TRANSITION = {"configuring": "unconfigured", "activating": "inactive", "deactivating": "active",
+                            "cleaningup": "inactive"}
 DIAGNOSTIC_LEVELS = {health.OK: DiagnosticStatus.OK, health.WARN: DiagnosticStatus.WARN,
                      health.ERROR: DiagnosticStatus.ERROR}
 
@@ -305,7 +308,8 @@ class PerceptionNode(LifecycleNode):
     @property
     def lifecycle_state(self) -> str:
         """unconfigured, inactive, active or finalized (transitions show as the state they leave)."""
-        return self._state_machine.current_state[1]
+        label = self._state_machine.current_state[1]
+        return STATE_LEFT_BY_TRANSITION.get(label, label)
 
     # ---- parameters ---------------------------------------------------------------------------------
     def _declare_parameters(self) -> None:

@@ -214,8 +214,9 @@ def test_forward_gives_all_loss_terms_and_gradients(tokenizer, model):
     module = LisaForTraining(model.train(), tokenizer)
     batch = LisaCollator(tokenizer, model.config, max_length=512)(list(_two_samples()))
     losses = module(batch)
-    assert set(losses) == {"loss", "ce", "bce", "dice", "iou"}
+    assert set(losses) == {"loss", "ce", "bce", "dice", "iou", "appearance"}
     assert losses["iou"].item() == 0.0  # the official recipe leaves SAM's IoU head untrained
+    assert losses["appearance"].item() == 0.0 and module.appearance_head is None
     assert losses["loss"].item() == pytest.approx(
         (losses["ce"] + losses["bce"] + losses["dice"]).item(), rel=1e-6
     )

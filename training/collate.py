@@ -20,16 +20,19 @@ that image's sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from lisa_core.checkpoint import seg_token_id
 from lisa_core.config import LisaConfig
 from lisa_core.errors import InputError
-from lisa_core.preprocess import clip_preprocess, sam_preprocess
+from lisa_core.preprocess import clip_preprocess, sam_preprocess, sam_resized_shape
 from lisa_core.prompt import ANSWER_SEPARATOR, Turn, build_prompt, tokenize_with_image
-from training.data.sample import Sample
+from training.data.sample import APPEARANCE_KEY, IGNORE_LABEL, Sample
 
 IGNORE_INDEX = -100
 
@@ -47,6 +50,10 @@ class LisaBatch:
     resized_sizes: list[tuple[int, int]]  # per image, (h, w) inside the padded SAM input
     original_sizes: list[tuple[int, int]]  # per image, (H, W)
     gt_masks: list[torch.Tensor]  # per image, (N_b, H, W) float {0, 1}, one per [SEG]
+    # (B, K, sam_size, sam_size) long: the samples' APPEARANCE_KEY class maps placed as SAM's input places
+    # the image, IGNORE_INDEX on the padding and for samples without them; None unless the collator is
+    # asked for K maps
+    appearance: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str) -> "LisaBatch":
         moved = {}
@@ -71,10 +78,11 @@ class LisaBatch:
 class LisaCollator:
     """Callable for a DataLoader's `collate_fn`: list[Sample] -> LisaBatch."""
 
-    def __init__(self, tokenizer, config: LisaConfig, max_length: int) -> None:
+    def __init__(self, tokenizer, config: LisaConfig, max_length: int, appearance_maps: int = 0) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.max_length = max_length
+        self.appearance_maps = appearance_maps
         self.seg_token_id = seg_token_id(tokenizer, config.seg_token)
         self.template_tokens = dict(
             image_token=config.image_token,
@@ -159,6 +167,7 @@ class LisaCollator:
                 gt_masks.append(torch.zeros(0, height, width))
 
         length = max(len(ids) for ids in sequences)
+        appearance = torch.stack([self.appearance_labels(sample) for sample in samples]) if self.appearance_maps else None
         input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -176,4 +185,24 @@ class LisaCollator:
             resized_sizes=resized_sizes,
             original_sizes=original_sizes,
             gt_masks=gt_masks,
+            appearance=appearance,
         )
+
+    def appearance_labels(self, sample: Sample) -> torch.Tensor:
+        """(K, sam_size, sam_size) long: the sample's class maps resized (nearest) as sam_preprocess
+        resizes the image, IGNORE_INDEX on the padding, on IGNORE_LABEL pixels and for a sample without
+        maps."""
+        size = self.config.sam.image_size
+        maps = sample.meta.get(APPEARANCE_KEY)
+        if maps is None:
+            return torch.full((self.appearance_maps, size, size), IGNORE_INDEX, dtype=torch.long)
+        if maps.shape != (self.appearance_maps, *sample.image.shape[:2]):
+            raise InputError(
+                f"{sample.source}: {APPEARANCE_KEY} maps are {maps.shape}, expected "
+                f"({self.appearance_maps}, {sample.image.shape[0]}, {sample.image.shape[1]})"
+            )
+        new_h, new_w = sam_resized_shape(maps.shape[1], maps.shape[2], size)
+        resized = np.stack([np.array(Image.fromarray(m).resize((new_w, new_h), resample=Image.NEAREST)) for m in maps])
+        labels = torch.from_numpy(resized).long()
+        labels[labels == IGNORE_LABEL] = IGNORE_INDEX
+        return F.pad(labels, (0, size - new_w, 0, size - new_h), value=IGNORE_INDEX)

@@ -73,6 +73,7 @@ class TrainConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     iou_weight: float = 0.0  # SAM's IoU-prediction head (training.losses); the official recipe leaves it untrained
+    appearance_weight: float = 0.0  # per-pixel shape and colour classes from SAM's embedding (synthetic data; training.losses)
     seed: int = 0
 
     # --- engine ----------------------------------------------------------------------------------

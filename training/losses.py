@@ -16,6 +16,12 @@ The IoU term (weight 0 in the official recipe, which never trains SAM's IoU-pred
 own: the mean squared error between each mask's predicted IoU and the IoU of that mask (logits > 0)
 with its ground truth, the target detached, averaged over the batch's masks. With it the published
 confidence tracks mask quality.
+
+The appearance term (weight 0 in the official recipe; training-only, not part of LISA) is a per-pixel
+cross-entropy of class maps predicted from SAM's image embedding (training.model.AppearanceHead) against
+per-pixel classes a synthetic scene knows (its shapes and its colours, training.data.synthetic): it
+teaches SAM's encoder features that tell the objects apart, which SAM's released weights bring and a
+SAM trained from random weights has to find through the mask loss alone.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from training.collate import IGNORE_INDEX
 
 DICE_SCALE = 1000.0
 DICE_EPS = 1e-6
@@ -36,6 +44,7 @@ class LossWeights:
     bce: float = 2.0
     dice: float = 0.5
     iou: float = 0.0
+    appearance: float = 0.0
 
 
 def sigmoid_bce_per_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,9 +73,11 @@ class LisaLoss:
     bce: torch.Tensor
     dice: torch.Tensor
     iou: torch.Tensor
+    appearance: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name).detach()) for name in ("total", "ce", "bce", "dice", "iou")}
+        names = ("total", "ce", "bce", "dice", "iou", "appearance")
+        return {name: float(getattr(self, name).detach()) for name in names}
 
 
 def mask_losses(
@@ -118,17 +129,38 @@ def iou_prediction_loss(
     return torch.stack(errors).sum() / num_masks if errors else torch.zeros(())
 
 
+def appearance_cross_entropy(
+    logits: Sequence[torch.Tensor], labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Per-pixel cross-entropy of K class maps, summed over the maps.
+
+    `logits[k]` is (B, C_k, h, w), upsampled (bilinear) to the labels' size; `labels` is (B, K, S, S)
+    long. Each map's term is the mean over its labelled pixels (0 for a map with none).
+    """
+    if len(logits) != labels.shape[1]:
+        raise ValueError(f"{len(logits)} predicted class maps but {labels.shape[1]} label maps")
+    total = torch.zeros((), device=labels.device)
+    for index, map_logits in enumerate(logits):
+        upsampled = F.interpolate(map_logits.float(), labels.shape[-2:], mode="bilinear", align_corners=False)
+        target = labels[:, index]
+        summed = F.cross_entropy(upsampled, target, ignore_index=ignore_index, reduction="sum")
+        total = total + summed / (target != ignore_index).sum().clamp(min=1)
+    return total
+
+
 def lisa_loss(
     ce_loss: torch.Tensor,
     pred_logits: Sequence[torch.Tensor],
     gt_masks: Sequence[torch.Tensor],
     weights: LossWeights = LossWeights(),
     iou_predictions: Optional[Sequence[torch.Tensor]] = None,
+    appearance: Optional[torch.Tensor] = None,
 ) -> LisaLoss:
     """Combine the language model's cross-entropy with the mask terms, weighted as in the recipe.
 
     A batch without masks (every answer says the target is absent) contributes BCE = DICE = IoU = 0.
-    `iou_predictions` (N_i,) per sample are needed when `weights.iou` is not 0.
+    `iou_predictions` (N_i,) per sample are needed when `weights.iou` is not 0, and `appearance` (the
+    unweighted appearance_cross_entropy) when `weights.appearance` is not 0.
     """
     bce, dice, _ = mask_losses(pred_logits, gt_masks)
     bce = bce.to(ce_loss.device)
@@ -139,7 +171,15 @@ def lisa_loss(
         iou = weights.iou * iou_prediction_loss(iou_predictions, pred_logits, gt_masks).to(ce_loss.device)
     else:
         iou = torch.zeros((), device=ce_loss.device)
+    if weights.appearance:
+        if appearance is None:
+            raise ValueError("weights.appearance is set but no appearance loss was given")
+        appearance = weights.appearance * appearance.to(ce_loss.device)
+    else:
+        appearance = torch.zeros((), device=ce_loss.device)
     ce = weights.ce * ce_loss
     bce = weights.bce * bce
     dice = weights.dice * dice
-    return LisaLoss(total=ce + bce + dice + iou, ce=ce, bce=bce, dice=dice, iou=iou)
+    return LisaLoss(
+        total=ce + bce + dice + iou + appearance, ce=ce, bce=bce, dice=dice, iou=iou, appearance=appearance
+    )

@@ -6,7 +6,9 @@ CLIP -> mm_projector -> image features placed at the placeholders -> Llama over 
 final-norm hidden states at the positions that *predict* each [SEG] (the position just before it, as
 at inference) -> text_hidden_fcs -> one sparse prompt per [SEG] for SAM's mask decoder on that
 image's SAM embedding -> low-res logits postprocessed to the image's original size -> BCE and DICE
-against the ground truth (training.losses).
+against the ground truth (training.losses). With `loss_weights.appearance` set, an AppearanceHead on the
+same SAM embeddings predicts per-pixel classes (training.losses.appearance_cross_entropy); it is not part
+of the LisaModel, so export leaves it out.
 
 `prepare_for_finetuning` sets what trains:
 - "lora" (the recipe): LoRA adapters (peft) on the modules whose full name matches
@@ -21,6 +23,7 @@ and loads like any other.
 from __future__ import annotations
 
 import re
+from typing import Sequence
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
@@ -28,22 +31,50 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lisa_core.checkpoint import seg_token_id
-from lisa_core.errors import ConfigurationError
+from lisa_core.errors import ConfigurationError, InputError
 from lisa_core.model import LisaModel
 from lisa_core.preprocess import postprocess_masks
 from training.collate import IGNORE_INDEX, LisaBatch
 from training.config import TrainConfig
-from training.losses import LossWeights, lisa_loss
+from training.losses import LossWeights, appearance_cross_entropy, lisa_loss
+
+
+class AppearanceHead(nn.Module):
+    """One 1x1 convolution from SAM's image embedding (B, C, h, w) to the logits of K class maps, a
+    (B, C_k, h, w) tensor for each."""
+
+    def __init__(self, embedding_dim: int, classes: Sequence[int]) -> None:
+        super().__init__()
+        self.classes = tuple(classes)
+        self.classifier = nn.Conv2d(embedding_dim, sum(self.classes), kernel_size=1)
+
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(self.classifier(image_embeddings), self.classes, dim=1)
 
 
 class LisaForTraining(nn.Module):
-    """LisaModel plus the training forward; `forward(batch)` returns a dict of loss tensors."""
+    """LisaModel plus the training forward; `forward(batch)` returns a dict of loss tensors.
 
-    def __init__(self, model: LisaModel, tokenizer, loss_weights: LossWeights = LossWeights()) -> None:
+    `appearance_classes` (the class count of each map of `batch.appearance`) adds an AppearanceHead;
+    it is needed when `loss_weights.appearance` is not 0.
+    """
+
+    def __init__(
+        self,
+        model: LisaModel,
+        tokenizer,
+        loss_weights: LossWeights = LossWeights(),
+        appearance_classes: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         self.model = model
         self.seg_token_id = seg_token_id(tokenizer, model.config.seg_token)
         self.loss_weights = loss_weights
+        if loss_weights.appearance and not appearance_classes:
+            raise ConfigurationError("an appearance loss weight needs the class count of each appearance map")
+        self.appearance_head = (
+            AppearanceHead(model.config.sam.prompt_embed_dim, appearance_classes) if appearance_classes else None
+        )
 
     def language_outputs(self, batch: LisaBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Last-layer hidden states (C, L, hidden) and logits (C, L, vocab) with the answers fed."""
@@ -60,13 +91,12 @@ class LisaForTraining(nn.Module):
         return hidden[predicts_seg], predicts_seg.sum(dim=1)
 
     def masks_from_states(
-        self, batch: LisaBatch, seg_hidden: torch.Tensor, segs_per_row: torch.Tensor
+        self, batch: LisaBatch, image_embeddings: torch.Tensor, seg_hidden: torch.Tensor, segs_per_row: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Mask logits per image (N_b, H, W) at the original size and SAM's IoU predictions (N_b,), from
-        the [SEG] states of its rows."""
+        the images' SAM embeddings and the [SEG] states of their rows."""
         model = self.model
         prompts = model.project_seg(seg_hidden)
-        image_embeddings = model.sam_image_embeddings(batch.sam_pixels)
         segs_per_image = torch.zeros(batch.num_images, dtype=torch.long, device=segs_per_row.device)
         segs_per_image.index_add_(0, batch.conversation_image.to(segs_per_row.device), segs_per_row)
         predictions, iou_predictions, start = [], [], 0
@@ -89,17 +119,29 @@ class LisaForTraining(nn.Module):
     def predict_masks(self, batch: LisaBatch) -> list[torch.Tensor]:
         """Mask logits per image for the [SEG] tokens already in `batch.input_ids` (no loss)."""
         hidden, _ = self.language_outputs(batch)
-        return self.masks_from_states(batch, *self.seg_states(batch.input_ids, hidden))[0]
+        image_embeddings = self.model.sam_image_embeddings(batch.sam_pixels)
+        return self.masks_from_states(batch, image_embeddings, *self.seg_states(batch.input_ids, hidden))[0]
 
     def forward(self, batch: LisaBatch) -> dict[str, torch.Tensor]:
         hidden, logits = self.language_outputs(batch)
         ce = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
-        predictions, iou_predictions = self.masks_from_states(batch, *self.seg_states(batch.input_ids, hidden))
+        image_embeddings = self.model.sam_image_embeddings(batch.sam_pixels)
+        predictions, iou_predictions = self.masks_from_states(
+            batch, image_embeddings, *self.seg_states(batch.input_ids, hidden)
+        )
         gt_masks = [mask.to(prediction.device) for mask, prediction in zip(batch.gt_masks, predictions)]
-        loss = lisa_loss(ce, predictions, gt_masks, self.loss_weights, iou_predictions)
-        return {"loss": loss.total, "ce": loss.ce, "bce": loss.bce, "dice": loss.dice, "iou": loss.iou}
+        appearance = None
+        if self.loss_weights.appearance:
+            if batch.appearance is None:
+                raise InputError("an appearance loss weight needs batches with appearance maps (LisaCollator appearance_maps)")
+            appearance = appearance_cross_entropy(self.appearance_head(image_embeddings), batch.appearance)
+        loss = lisa_loss(ce, predictions, gt_masks, self.loss_weights, iou_predictions, appearance)
+        return {
+            "loss": loss.total, "ce": loss.ce, "bce": loss.bce, "dice": loss.dice, "iou": loss.iou,
+            "appearance": loss.appearance,
+        }
 
 
 def _matches_any(name: str, fragments) -> bool:

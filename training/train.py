@@ -52,11 +52,12 @@ from training.collate import LisaCollator
 from training.config import TrainConfig, add_config_arguments, load_config
 from training.data import build_mixture
 from training.data.mixing import MixtureDataset
+from training.data.synthetic import APPEARANCE_CLASSES
 from training.export import export_model
 from training.losses import LossWeights
 from training.model import LisaForTraining, count_parameters, enable_gradient_checkpointing, prepare_for_finetuning
 
-LOSS_KEYS = ("loss", "ce", "bce", "dice", "iou")
+LOSS_KEYS = ("loss", "ce", "bce", "dice", "iou", "appearance")
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -232,8 +233,11 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
-        weights = LossWeights(config.ce_weight, config.bce_weight, config.dice_weight, config.iou_weight)
-        self.module = LisaForTraining(model.train(), self.tokenizer, weights)
+        weights = LossWeights(
+            config.ce_weight, config.bce_weight, config.dice_weight, config.iou_weight, config.appearance_weight
+        )
+        appearance_classes = APPEARANCE_CLASSES if config.appearance_weight else ()
+        self.module = LisaForTraining(model.train(), self.tokenizer, weights, appearance_classes)
         parameters = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
@@ -246,7 +250,7 @@ class Trainer:
         self.wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.scheduler, self.state)
-        self.collator = LisaCollator(self.tokenizer, model.config, config.max_length)
+        self.collator = LisaCollator(self.tokenizer, model.config, config.max_length, len(appearance_classes))
         if dataset is None:
             if not config.datasets:
                 raise ConfigurationError("no training data: add entries to `datasets` (see training.data)")

@@ -11,6 +11,7 @@ from lisa_core.config import SEG_TOKEN
 from lisa_core.errors import InputError
 
 IGNORE_LABEL = 255
+APPEARANCE_KEY = "appearance"  # meta: uint8 (K, H, W) per-pixel class maps, 0 background (see training.losses)
 
 Turn = tuple[str, str]  # (question, answer)
 
@@ -29,7 +30,8 @@ class Sample:
       conversation, turn by turn, left to right). 1 = target, 0 = background, 255 = ignored by the
       metrics (only ReasonSeg has it; for training losses use `mask == 1`, as the official code does).
     - `source`: the reader's name, e.g. "reason_seg", "refcoco", "ade20k", "llava_instruct", "synthetic".
-    - `meta`: reader-specific facts, e.g. {"is_sentence": True, "image_path": ...}.
+    - `meta`: reader-specific facts, e.g. {"is_sentence": True, "image_path": ...}; the synthetic reader
+      adds APPEARANCE_KEY, the class of every pixel (its shape and its colour), for the appearance loss.
     """
 
     image: np.ndarray

@@ -73,7 +73,7 @@ from lisa_core.config import SEG_TOKEN
 from lisa_core.errors import InputError
 from training.data import phrasing, templates
 from training.data.phrasing import ALL_OF, PHRASE, PLURAL_PREDICATE, PREDICATE, RELATION, noun_phrase
-from training.data.sample import Sample
+from training.data.sample import APPEARANCE_KEY, IGNORE_LABEL, Sample
 
 COLOURS = {
     "red": (220, 45, 45),
@@ -162,6 +162,21 @@ class Scene:
     image: np.ndarray
     queries: list[Query]  # every query the split allows for this scene
     rng: np.random.Generator  # the scene's generator, after drawing the layout
+
+
+APPEARANCE_CLASSES = (len(SHAPES) + 1, len(COLOURS) + 1)  # shape and colour classes, 0 the background
+
+
+def appearance_labels(objects: Sequence[SceneObject], masks: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 (2, H, W): each pixel's shape class and colour class (index in SHAPES / COLOURS plus 1, 0 on
+    the background); the colour of an object painted in a colour of no name is IGNORE_LABEL."""
+    labels = np.zeros((2, *masks[0].shape), dtype=np.uint8)
+    colours = list(COLOURS)
+    for obj, mask in zip(objects, masks):
+        inside = mask == 1
+        labels[0][inside] = SHAPES.index(obj.shape) + 1
+        labels[1][inside] = IGNORE_LABEL if obj.colour == UNNAMED else colours.index(obj.colour) + 1
+    return labels
 
 
 def plural(shape: str) -> str:
@@ -391,7 +406,12 @@ class SyntheticReasonSeg:
         for query in queries:
             conversations.append([self._turn(query, rng)])
             masks.extend(scene.masks[i].copy() for i in query.targets)
-        meta = {"kinds": [q.kind for q in queries], "queries": [q.text for q in queries], "split": self.split}
+        meta = {
+            "kinds": [q.kind for q in queries],
+            "queries": [q.text for q in queries],
+            "split": self.split,
+            APPEARANCE_KEY: appearance_labels(scene.objects, scene.masks),
+        }
         return Sample(scene.image, conversations, masks, self.name, meta)
 
     def eval_sample(self, index: int) -> Sample:

@@ -22,6 +22,7 @@ def test_demo_config_trains_on_explained_answers():
     config = load_config(DEMO_CONFIG)
     assert config.finetune == "full" and config.tiny_model is not None
     assert config.tiny_model["config"]["clip_framing"] == "pad" and config.iou_weight > 0
+    assert config.appearance_weight > 0  # SAM learns each pixel's shape and colour (training.losses)
     dataset = build_mixture(config.datasets, config.epoch_samples, config.seed)
     answers = [answer for index in range(20) for conversation in dataset[index].conversations
                for _, answer in conversation]

@@ -59,15 +59,16 @@ def new_results(client, seen: int) -> list:
 
 
 def wait_for_status(client, condition: Callable[[dict], bool], timeout_s: float,
-                    repeat: Optional[Callable[[], None]] = None, repeat_s: float = 0.2) -> Optional[dict]:
-    """The first status (a lisa_ros.client.status_from_diagnostic dict, collected so far or arriving
-    within timeout_s) that meets `condition`; `repeat()` runs every repeat_s meanwhile (e.g. to
-    publish a best-effort message again)."""
+                    repeat: Optional[Callable[[], None]] = None, repeat_s: float = 0.2,
+                    since: int = 0) -> Optional[dict]:
+    """The first status (a lisa_ros.client.status_from_diagnostic dict, collected so far from index
+    `since` or arriving within timeout_s) that meets `condition`; `repeat()` runs every repeat_s
+    meanwhile (e.g. to publish a best-effort message again)."""
     deadline = time.monotonic() + timeout_s
     next_repeat = 0.0
     while True:
         with client.lock:
-            found = next((s for s in client.statuses if condition(s)), None)
+            found = next((s for s in client.statuses[since:] if condition(s)), None)
         if found is not None or time.monotonic() > deadline:
             return found
         if repeat is not None and time.monotonic() >= next_repeat:

@@ -174,6 +174,16 @@ def test_8000x8000_frame_is_refused_before_conversion(ros, client, node):
         assert expected in node["log"].read_text()
     finally:
         stop_process(huge)
+    # The node's image subscription keeps the last CAMERA_HISTORY_DEPTH frames while it is busy: a loaded
+    # host may still be taking huge frames after the camera has gone, and a query taken before the frames
+    # behind them finds the newest accepted frame stale. So: quiet for a second (every huge frame taken),
+    # then a frame of ours counted (best effort may lose the first ones), then the query.
+    with client.lock:
+        seen = len(client.statuses)
+    quiet = wait_for_status(client, lambda s: float(s["seconds_since_frame"]) >= 1.0, 60, since=seen)
+    assert quiet is not None, node["log"].read_text()[-3000:]
+    assert wait_for_status(client, lambda s: s["counts"]["frames"] > quiet["counts"]["frames"], 10,
+                           repeat=lambda: client.publish_frame(scene(0), time.time_ns()), since=seen) is not None
     _good_query(client)
 
 

@@ -87,6 +87,10 @@ class SegmentationResult:
     history_turns: int = 0  # earlier turns that were in the prompt
     turns_dropped: int = 0  # oldest earlier turns left out to fit the prompt budget
 
+    def drop_unconfident(self, min_confidence: float) -> None:
+        """Leaves out the targets whose confidence is below `min_confidence`; the answer keeps its [SEG]s."""
+        self.targets = [target for target in self.targets if target.confidence >= min_confidence]
+
     @property
     def union_mask(self) -> np.ndarray:
         """All targets together, bool (H, W)."""

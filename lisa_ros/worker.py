@@ -479,8 +479,7 @@ class InferenceWorker:
 
     def _success(self, query: Query, frame: Frame, result: SegmentationResult) -> Outcome:
         settings = self._settings
-        if settings.min_confidence > 0:
-            result.targets = [t for t in result.targets if t.confidence >= settings.min_confidence]
+        result.drop_unconfident(settings.min_confidence)
         with self._condition:
             if (settings.tracking and result.targets and query.image is None and self._active
                     and not any(q.camera == query.camera for q in self._queue) and not self._stopping):

@@ -127,3 +127,25 @@ def test_generation_reports_well_formed_answers_and_confidence_ranks(checkpoint,
     low, high = report["confidence_range"]
     assert 0.0 <= low <= high <= 1.0
     assert evaluate(broken, {"val": samples}, modes=("generation",))["val"]["generation"]["well_formed"] is None
+
+
+def test_min_confidence_leaves_out_targets_as_the_node_does(checkpoint, samples):
+    broken = _forced_pipeline(checkpoint, "[SEG]. The red circle would fly because it is round.")
+    everything = evaluate(broken, {"val": samples}, modes=("generation",), answer_check=is_well_formed)
+    report = everything["val"]["generation"]
+    low, high = report["confidence_range"]
+    assert report["absent_accuracy"] == 0.0  # one mask for every query, the absent ones too
+    kept = evaluate(broken, {"val": samples}, modes=("generation",), answer_check=is_well_formed,
+                    min_confidence=low)["val"]["generation"]
+    assert kept["targets"] == report["targets"] and kept["gIoU"] == report["gIoU"]
+    assert high < 1.0  # the tiny model's IoU head: a threshold above every target exists
+    none = evaluate(broken, {"val": samples}, modes=("generation",), answer_check=is_well_formed,
+                    min_confidence=high + 1e-6)["val"]["generation"]
+    assert none["targets"] == 0 and none["absent_accuracy"] == 1.0
+    assert none["well_formed"] == report["well_formed"]  # judged on the [SEG]s written, not the masks kept
+
+
+def test_command_line_refuses_a_min_confidence_outside_0_to_1(checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_main(["--model", str(checkpoint), "--min-confidence", "1.5"])
+    assert "--min-confidence must lie in [0, 1]" in capsys.readouterr().err

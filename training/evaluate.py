@@ -22,7 +22,8 @@ queries, how often no mask was given (`absent_accuracy`); with an answer check (
 `is_well_formed`) the share of well-formed answers (`well_formed`); and over every generated target,
 Spearman's rank correlation of its confidence with its IoU against the ground-truth mask it overlaps
 most (`confidence_iou_spearman`) and the confidences' range. `--out` writes the report as JSON.
-Synthetic scenes can be asked on other frames (`--aspect-ratio 16:9`) and in other words (`--phrasing
+`--min-confidence` scores generation mode as the node's min_confidence answers: targets below it are
+left out (well-formedness still counts every [SEG] written). Synthetic scenes can be asked on other frames (`--aspect-ratio 16:9`) and in other words (`--phrasing
 trained|held_out`, training.data.phrasing).
 
 One process; `--limit` evaluates the first N queries of each split.
@@ -91,21 +92,25 @@ def evaluate_generation(
     samples: Sequence[Sample],
     max_new_tokens: Optional[int] = None,
     answer_check: Optional[Callable[[str, int], bool]] = None,
+    min_confidence: float = 0.0,
 ) -> dict:
+    """Scores the masks left after dropping targets below `min_confidence` (the node's parameter);
+    `well_formed` judges the answer with every [SEG] the model wrote."""
     meter = GroupedMeter()
     count_correct, absent_total, absent_correct, well_formed = 0, 0, 0, 0
     confidences, ious = [], []
     for sample in samples:
         question = sample.conversations[0][0][0]
         result = pipeline.segment(sample.image, question, max_new_tokens=max_new_tokens)
+        if answer_check is not None:
+            well_formed += int(answer_check(result.answer, len(result.targets)))
+        result.drop_unconfident(min_confidence)
         ground_truth = sample.query_ground_truth(0)
         meter.update(result.union_mask, ground_truth, sample_groups(sample))
         count_correct += int(len(result.targets) == len(sample.masks))
         if not sample.masks:
             absent_total += 1
             absent_correct += int(not result.union_mask.any())
-        if answer_check is not None:
-            well_formed += int(answer_check(result.answer, len(result.targets)))
         for target in result.targets:
             confidences.append(target.confidence)
             ious.append(target_iou(target.mask, sample.masks))
@@ -163,9 +168,11 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: Optional[int] = None,
     answer_check: Optional[Callable[[str, int], bool]] = None,
+    min_confidence: float = 0.0,
 ) -> dict:
     """{split: {mode: report}} for evaluation samples already built. `answer_check(answer, masks)` says
-    whether an answer is well formed (synthetic.is_well_formed)."""
+    whether an answer is well formed (synthetic.is_well_formed); generation mode leaves out targets
+    below `min_confidence`."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ConfigurationError(f"unknown evaluation modes {sorted(unknown)}; use {MODES}")
@@ -177,7 +184,7 @@ def evaluate(
         for mode in modes:
             started = time.time()
             if mode == "generation":
-                result = evaluate_generation(pipeline, samples, max_new_tokens, answer_check)
+                result = evaluate_generation(pipeline, samples, max_new_tokens, answer_check, min_confidence)
             else:
                 result = evaluate_forced(pipeline.model, pipeline.tokenizer, samples, batch_size)
             result["seconds"] = time.time() - started
@@ -215,11 +222,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries per split")
     parser.add_argument("--batch-size", type=int, default=8, help="forced mode: samples per forward pass")
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="generation mode: leave out targets below this confidence, as the node's min_confidence")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.min_confidence <= 1.0:
+        parser.error(f"--min-confidence must lie in [0, 1] (confidences do), got {args.min_confidence}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -236,9 +247,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "data": args.data,
         "settings": {"seed": args.seed, "size": args.size, "image_size": args.image_size, "limit": args.limit,
                      "aspect_ratio": args.aspect_ratio, "phrasing": args.phrasing,
-                     "device": args.device, "dtype": args.dtype},
+                     "min_confidence": args.min_confidence, "device": args.device, "dtype": args.dtype},
         "splits": evaluate(pipeline, splits, modes, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           answer_check=is_well_formed if args.data == "synthetic" else None),
+                           answer_check=is_well_formed if args.data == "synthetic" else None,
+                           min_confidence=args.min_confidence),
     }
     print(format_table(report["splits"]))
     if args.out:

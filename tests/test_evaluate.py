@@ -131,8 +131,7 @@ def test_generation_reports_well_formed_answers_and_confidence_ranks(checkpoint,
 
 def test_min_confidence_leaves_out_targets_as_the_node_does(checkpoint, samples):
     broken = _forced_pipeline(checkpoint, "[SEG]. The red circle would fly because it is round.")
-    everything = evaluate(broken, {"val": samples}, modes=("generation",), answer_check=is_well_formed)
-    report = everything["val"]["generation"]
+    report = evaluate(broken, {"val": samples}, modes=("generation",), answer_check=is_well_formed)["val"]["generation"]
     low, high = report["confidence_range"]
     assert report["absent_accuracy"] == 0.0  # one mask for every query, the absent ones too
     kept = evaluate(broken, {"val": samples}, modes=("generation",), answer_check=is_well_formed,

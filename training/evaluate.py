@@ -23,8 +23,9 @@ queries, how often no mask was given (`absent_accuracy`); with an answer check (
 Spearman's rank correlation of its confidence with its IoU against the ground-truth mask it overlaps
 most (`confidence_iou_spearman`) and the confidences' range. `--out` writes the report as JSON.
 `--min-confidence` scores generation mode as the node's min_confidence answers: targets below it are
-left out (well-formedness still counts every [SEG] written). Synthetic scenes can be asked on other frames (`--aspect-ratio 16:9`) and in other words (`--phrasing
-trained|held_out`, training.data.phrasing).
+left out (well-formedness still counts every [SEG] written). Synthetic scenes can be asked on other
+frames (`--aspect-ratio 16:9`) and in other words (`--phrasing trained|held_out`,
+training.data.phrasing).
 
 One process; `--limit` evaluates the first N queries of each split.
 """
@@ -106,11 +107,12 @@ def evaluate_generation(
             well_formed += int(answer_check(result.answer, len(result.targets)))
         result.drop_unconfident(min_confidence)
         ground_truth = sample.query_ground_truth(0)
-        meter.update(result.union_mask, ground_truth, sample_groups(sample))
+        union = result.union_mask
+        meter.update(union, ground_truth, sample_groups(sample))
         count_correct += int(len(result.targets) == len(sample.masks))
         if not sample.masks:
             absent_total += 1
-            absent_correct += int(not result.union_mask.any())
+            absent_correct += int(not union.any())
         for target in result.targets:
             confidences.append(target.confidence)
             ious.append(target_iou(target.mask, sample.masks))
